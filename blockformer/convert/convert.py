@@ -1,0 +1,155 @@
+"""Convert a pretrained decoder-only checkpoint into a Block Transformer folder.
+
+    blockformer convert default out/smollm2-block            # the embedded SmolLM2-135M-Instruct, ~30 s on CPU
+    blockformer convert EleutherAI/pythia-410m out/pythia-block --block-layers 12 --layer-map partition
+
+Initialisation follows the paper (arXiv 2406.02657, App. P): embedder table <- original embeddings, projection <-
+mean of the block's token vectors, expansion layer <- stacked identities, token-decoder embeddings / final norm / LM
+head <- original, decoder layers per the layer map.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import sources
+from ..errors import BlockformerError
+from ..families import Family, family_for, map_layer
+from ..io import atomic_folder, check_out
+from ..model import BlockTransformerConfig, BlockTransformerForCausalLM
+from .card import model_card
+
+LAYER_MAPS = ("partition", "skip", "duplicate")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertConfig:
+    source: str
+    out: Path
+    block_length: int = 4
+    block_layers: int | None = None  # default: half the layers (partition/skip), all of them (duplicate)
+    layer_map: str = "partition"
+    prefix_length: int = 2
+    dtype: str = "auto"
+    overwrite: bool = False
+    max_shard_size: str = "2GB"
+
+
+def plan_layers(n: int, layer_map: str, block_layers: int | None) -> tuple[list[int], list[int]]:
+    """Original layer indices for the block decoder and the token decoder."""
+    if layer_map == "partition":
+        nb = n // 2 if block_layers is None else block_layers
+        if not 1 <= nb <= n:
+            raise BlockformerError(f"--block-layers must be between 1 and {n} (the model has {n} layers), got {nb}")
+        return list(range(nb)), list(range(nb, n))
+    chosen = list(range(0, n, 2)) if layer_map == "skip" else list(range(n))
+    if block_layers is not None and block_layers != len(chosen):
+        raise BlockformerError(f"--layer-map {layer_map} gives each decoder {len(chosen)} of the {n} layers; "
+                               f"--block-layers {block_layers} does not fit")
+    return chosen, list(chosen)
+
+
+def validate(cfg: ConvertConfig) -> None:
+    if cfg.block_length < 1:
+        raise BlockformerError(f"--block-length must be at least 1, got {cfg.block_length}")
+    if cfg.prefix_length < 1:
+        raise BlockformerError(f"--prefix-length must be at least 1, got {cfg.prefix_length}")
+    if cfg.layer_map not in LAYER_MAPS:
+        raise BlockformerError(f"--layer-map must be one of {', '.join(LAYER_MAPS)}, got {cfg.layer_map}")
+    if cfg.dtype not in DTYPES:
+        raise BlockformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype}")
+    check_out(Path(cfg.out), cfg.overwrite)
+
+
+def convert(cfg: ConvertConfig) -> dict:
+    """Run the conversion; return the summary (also written as `convert.json` in the output folder)."""
+    t0 = time.perf_counter()
+    validate(cfg)
+    src = sources.resolve(cfg.source)
+    hf_cfg = sources.load_config(src)
+    fam = family_for(hf_cfg.model_type)
+    arch = fam.arch(hf_cfg)
+    n = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
+    block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
+    tokenizer = sources.load_tokenizer(src)
+    original = sources.load_model(src, DTYPES[cfg.dtype])
+    config = block_config(cfg, hf_cfg, arch, src, block_src, token_src)
+    model = build_block_model(original, fam, config, arch, block_src, token_src)
+    summary = describe(model, original, cfg, src, time.perf_counter() - t0)
+    with atomic_folder(Path(cfg.out), cfg.overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        original.generation_config.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(summary))
+        (tmp / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_src) -> BlockTransformerConfig:
+    base = hf_cfg.to_dict()
+    base.pop("quantization_config", None)
+    arch = {"max_position_embeddings": getattr(hf_cfg, "max_position_embeddings", 2048), **arch}
+    return BlockTransformerConfig(
+        vocab_size=hf_cfg.vocab_size, block_length=cfg.block_length, prefix_length=cfg.prefix_length,
+        num_block_layers=len(block_src), num_token_layers=len(token_src), base_config=base,
+        tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+        bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
+        pad_token_id=getattr(hf_cfg, "pad_token_id", None),
+        provenance={"source": cfg.source, "source_kind": src.kind, "family": hf_cfg.model_type,
+                    "layer_map": cfg.layer_map, "block_layers_from": block_src, "token_layers_from": token_src},
+        **arch)
+
+
+def build_block_model(original, fam: Family, config, arch, block_src, token_src) -> BlockTransformerForCausalLM:
+    sd = original.state_dict()
+    dtype = next(original.parameters()).dtype
+    head = sd[fam.embed] if config.tie_word_embeddings else sd[fam.head]
+    ours = {"embedder.embed.weight": sd[fam.embed], "token_decoder.embed.weight": sd[fam.embed],
+            "lm_head.weight": head}
+    for w in ("weight", "bias"):
+        if f"{fam.final_norm}.{w}" in sd:
+            ours[f"token_decoder.norm.{w}"] = sd[f"{fam.final_norm}.{w}"]
+    if fam.wpe:
+        ours["block_decoder.wpe.weight"] = ours["token_decoder.wpe.weight"] = sd[fam.wpe]
+    for part, indices in (("block_decoder", block_src), ("token_decoder", token_src)):
+        for i, src_idx in enumerate(indices):
+            ours.update(map_layer(fam, sd, src_idx, f"{part}.layers.{i}", arch))
+    model = BlockTransformerForCausalLM(config).to(dtype)  # new parts get the paper's init in __init__
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    new_parts = {"embedder.proj.weight", "embedder.proj.bias", "token_decoder.expand.weight",
+                 "token_decoder.expand.bias"}
+    if unexpected or set(missing) - new_parts:
+        raise BlockformerError(f"weight mapping mismatch: missing {sorted(set(missing) - new_parts)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
+    return model.eval()
+
+
+def describe(model, original, cfg: ConvertConfig, src, seconds: float) -> dict:
+    c = model.config
+    bytes_el = next(model.parameters()).element_size()
+    n_orig = getattr(original.config, "num_hidden_layers", None) or original.config.n_layer
+    per_layer = 2 * c.num_key_value_heads * c.head_dim * bytes_el
+    return {
+        "source": cfg.source, "family": c.provenance["family"], "out": str(cfg.out),
+        "block_length": c.block_length, "prefix_length": c.prefix_length, "layer_map": cfg.layer_map,
+        "block_layers_from": c.provenance["block_layers_from"], "token_layers_from": c.provenance["token_layers_from"],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "parameters": model.parameter_counts(),
+        "parameters_original": sum(p.numel() for p in original.parameters()),
+        "kv_bytes_per_token": {
+            "original": n_orig * per_layer,
+            "block_decoder": c.num_block_layers * per_layer / c.block_length,
+            "token_decoder_window_per_sequence": c.num_token_layers * per_layer * (c.prefix_length + c.block_length),
+        },
+        "kv_bytes_per_sequence_at_2048": {"original": n_orig * per_layer * 2048,
+                                          "converted": model.kv_cache_bytes(2048)},
+        "convert_seconds": round(seconds, 1),
+    }
+
+

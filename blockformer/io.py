@@ -1,0 +1,41 @@
+"""Atomic output folders: written under a hidden temporary name, renamed into place only when complete."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from .errors import BlockformerError
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse early, before any expensive work, to touch an existing output without --overwrite."""
+    if out.exists() and not overwrite:
+        raise BlockformerError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise BlockformerError(f"{out} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool = False):
+    """Yield a temporary sibling folder; on success it replaces `out`, on any failure it is removed.
+
+    A run killed outright leaves only a hidden `.NAME.tmp-PID` folder, never a folder that looks finished.
+    """
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)  # keep the previous result until the new one is in place
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

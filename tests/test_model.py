@@ -1,0 +1,101 @@
+"""Behaviour of the block model: exactness of the degenerate split, causality, padding, loss, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tiny import VOCAB, convert_tiny, load_block, load_original, perturb_new_parts
+
+
+def ids(B=2, T=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, T), generator=g)
+
+
+@torch.no_grad()
+def test_degenerate_split_reproduces_original(tiny_dirs, family, tmp_path):
+    """block_length 1 with every layer in the block decoder (empty token decoder) is the original model."""
+    original = load_original(tiny_dirs[family])
+    block = convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=1, block_layers=4)
+    assert block.config.num_token_layers == 0
+    x = ids()
+    assert_close(block(x).logits, original(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block_length", [1, 3, 4])
+def test_causal(tiny_dirs, family, tmp_path, block_length):
+    """Changing tokens after position t never changes logits at positions <= t, but does change later ones."""
+    model = perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=block_length))
+    x = ids(B=1, T=14)
+    ref = model(x).logits
+    for t in (0, 2, 5, 8, 12):
+        y = x.clone()
+        y[:, t + 1:] = (y[:, t + 1:] + 7) % (VOCAB - 3) + 3
+        out = model(y).logits
+        assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t + 1:], ref[:, t + 1:], atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block_length", [2, 4])
+def test_left_padding_does_not_change_real_logits(tiny_dirs, family, tmp_path, block_length):
+    model = perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=block_length))
+    x = ids(B=1, T=10)
+    ref = model(x).logits[0]
+    for pad in range(1, block_length + 2):
+        padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), x], 1)
+        batch = torch.cat([padded, torch.cat([x, torch.zeros(1, pad, dtype=torch.long)], 1)])  # left + right
+        mask = torch.cat([torch.cat([torch.zeros(1, pad), torch.ones(1, 10)], 1),
+                          torch.cat([torch.ones(1, 10), torch.zeros(1, pad)], 1)]).long()
+        out = model(batch, attention_mask=mask).logits
+        assert_close(out[0, pad:], ref, rtol=1e-5, atol=1e-5)
+        assert_close(out[1, :10], ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_first_prediction_depends_only_on_first_token(tiny_dirs, tmp_path):
+    """The first real token closes block 0: its logits predict token 1 from token 0 alone."""
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4))
+    x = ids(B=1, T=9)
+    alone = model(x[:, :1]).logits[0, 0]
+    assert_close(model(x).logits[0, 0], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_is_shifted_cross_entropy(tiny_dirs, tmp_path):
+    model = convert_tiny(tiny_dirs["gpt_neox"], tmp_path / "b")
+    x = ids()
+    labels = x.clone()
+    labels[0, :4] = -100
+    out = model(x, labels=labels)
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    assert_close(out.loss, want)
+    out.loss.backward()
+    assert model.embedder.proj.weight.grad.abs().sum() > 0
+    assert model.token_decoder.expand.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_save_load_round_trip_is_bit_identical(tiny_dirs, family, tmp_path):
+    from transformers import AutoModelForCausalLM
+    import blockformer  # noqa: F401
+    model = perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "b"))
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32).eval()
+    assert type(again).__name__ == "BlockTransformerForCausalLM"
+    x = ids()
+    assert torch.equal(model(x).logits, again(x).logits)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert (again.lm_head.weight is again.token_decoder.embed.weight) == model.config.tie_word_embeddings
+
+
+@torch.no_grad()
+def test_bf16_forward_runs_and_stays_close(tiny_dirs, tmp_path):
+    model = convert_tiny(tiny_dirs["llama"], tmp_path / "b")
+    x = ids()
+    ref = model(x).logits
+    low = load_block(tmp_path / "b").to(torch.bfloat16)(x).logits.float()
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
