@@ -34,8 +34,17 @@ def atomic_folder(out: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _readable(tmp)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)  # keep the previous result until the new one is in place
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable(folder: Path) -> None:
+    """Some writers create files 0600 (mkstemp); give outputs the permissions the user's umask asks for."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
