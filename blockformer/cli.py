@@ -61,5 +61,38 @@ def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtyp
     click.echo(f"wrote {out} in {s['seconds']:.1f} s")
 
 
+@main.command("eval")
+@click.argument("model")
+@click.option("--baseline", default=None, help="Original model to evaluate on the same items (folder, hub id, "
+              ".gguf file or 'default').")
+@click.option("--tasks", default="hellaswag,piqa,arc_easy,lambada_openai", show_default=True,
+              help="Comma-separated tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, sciq, "
+                   "lambada_openai, wikitext.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with the tasks' files [default: $BLOCKFORMER_DATA_DIR or ../shared/data].")
+@click.option("--limit", type=int, default=None, help="Evaluate a fixed-seed subset of N items per task.")
+@click.option("--seed", default=1234, show_default=True, help="Seed of the --limit subset.")
+@click.option("--batch-tokens", default=16384, show_default=True, help="Tokens per scoring batch.")
+@click.option("--max-length", type=int, default=None,
+              help="Longest scored window [default: the model's context, as lm-eval does].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Dtype the models run in.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Results folder (results.json, samples.json, results.png) [default: runs/eval-TIME].")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@friendly
+def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_length, dtype, out, overwrite):
+    """Zero-shot evaluation of MODEL (and --baseline on the same items), with lm-eval 0.4's prompts and metrics."""
+    import time
+    from .eval import EvalConfig, evaluate
+    from .eval.report import table
+    out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    r = evaluate(EvalConfig(model, baseline, names, data_dir, limit, seed, batch_tokens, max_length, dtype, out,
+                            overwrite))
+    click.echo(table(r))
+    click.echo(f"wrote {out}/results.json, samples.json and results.png")
+
+
 if __name__ == "__main__":
     main()

@@ -6,10 +6,12 @@ Three parts, named as in the paper:
   token decoder  -- the upper layers; the block decoder's output for block i is expanded into `prefix_length`
                     vectors that precede the tokens of block i+1, and attention never leaves that short window.
 
-Alignment convention (the paper's evaluation/generation convention): every row is shifted right so that its
-first real token is the *last* slot of block 0 (`L_B - 1` pads in front, fewer if the row already has left
-padding).  Then block j's context embedding predicts every token of block j+1, and `logits[:, t]` is the
-distribution of token t+1 for every real position t, exactly as for a vanilla causal LM.  Pads are masked out of
+Alignment convention: every row is shifted right so that an *anchor* token closes a block.  By default the anchor
+is the first real token (the paper's evaluation convention, `L_B - 1` pads in front): block j's context embedding
+then predicts every token of block j+1, and `logits[:, t]` is the distribution of token t+1 for every real position
+t, exactly as for a vanilla causal LM.  Generation and log-likelihood scoring anchor the *last prompt token* (the
+paper's generation convention: the prompt ends on a block boundary), so a continuation always starts a new block;
+then positions inside block 0 before the anchor have no prediction (their logits are undefined).  Pads are masked out of
 the embedder (their vectors are zeroed), of attention and of the returned positions' dependencies; positions
 count real blocks only, so left padding never changes the logits of the real tokens.
 
@@ -310,34 +312,43 @@ class BlockTransformerForCausalLM(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **_):
-        B, T = input_ids.shape
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        ids, tmask, shift = align_to_blocks(input_ids, mask, self.config.block_length)
-        blocks, bmask = ids.unflatten(1, (-1, self.config.block_length)), tmask.unflatten(1, (-1, self.config.block_length))
-        ctx = self.block_decoder(self.embedder(blocks, bmask), bmask.any(-1))           # (B, N, D)
-        L = self.config.block_length
-        nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
-        nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
-        h = self.token_decoder(ctx, nxt, nxt_mask).flatten(1, 2)                       # (B, N*L_B, D)
-        # the prediction *from* aligned position q sits at index q - (L_B - 1)
-        idx = (torch.arange(T, device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
-        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))                     # (B, T, D)
-        logits = self.lm_head(self.token_decoder.norm(h))                               # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, labels=None, anchor=None, **_):
+        """Causal-LM forward: `logits[:, t]` is the distribution of token t+1.
+
+        `anchor` (B,) optionally names, per row, the input position that must close a block (default: the first
+        real token). Scoring and generation anchor the last prompt token, so a continuation starts a new block.
+        """
+        logits = self.lm_head(self.final_hidden(input_ids, attention_mask, anchor))   # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
+    def final_hidden(self, input_ids, attention_mask=None, anchor=None):
+        """Normalised last hidden states (B, T, D), ready for `lm_head`."""
+        L = self.config.block_length
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        ids, tmask, shift = align_to_blocks(input_ids, mask, L, anchor)
+        blocks, bmask = ids.unflatten(1, (-1, L)), tmask.unflatten(1, (-1, L))      # (B, N, L_B)
+        ctx = self.block_decoder(self.embedder(blocks, bmask), bmask.any(-1))        # (B, N, D)
+        nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
+        nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
+        h = self.token_decoder(ctx, nxt, nxt_mask).flatten(1, 2)                    # (B, N*L_B, D)
+        # the prediction *from* aligned position q sits at index q - (L_B - 1); block 0's other slots have none
+        idx = (torch.arange(input_ids.shape[1], device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))                  # (B, T, D)
+        return self.token_decoder.norm(h)
 
-def align_to_blocks(input_ids, mask, L: int):
-    """Shift each row right so that its first real token closes a block; pad the tail to a block multiple.
+
+def align_to_blocks(input_ids, mask, L: int, anchor=None):
+    """Shift each row right so that its `anchor` token (default: first real token) closes a block.
 
     Returns the aligned ids (B, N*L), their mask, and the per-row shift (B,).
     """
     B, T = input_ids.shape
-    lead = (mask.long().cumsum(1) == 0).sum(1)                 # leading pads per row
-    shift = (L - 1 - lead) % L
+    if anchor is None:
+        anchor = (mask.long().cumsum(1) == 0).sum(1)           # leading pads = index of the first real token
+    shift = (L - 1 - anchor) % L
     width = math.ceil((T + L - 1) / L) * L
     pos = torch.arange(T, device=input_ids.device) + shift[:, None]
     ids = input_ids.new_zeros(B, width).scatter_(1, pos, input_ids)

@@ -1,0 +1,150 @@
+"""Zero-shot evaluation of a converted model side by side with its original.
+
+    blockformer eval out/smollm2-block --baseline default --tasks hellaswag,piqa,arc_easy,lambada_openai --limit 200
+    blockformer eval out/tiny-block --tasks piqa --limit 20 --data-dir ../shared/data      # tiny CPU variant
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import sources
+from ..errors import BlockformerError
+from ..io import atomic_folder, check_out
+from .scoring import Scorer
+from .tasks import Doc, Task, default_data_dir, get_task, load_docs
+
+DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "lambada_openai")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    baseline: str | None = None
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    data_dir: Path | None = None
+    limit: int | None = None
+    seed: int = 1234
+    batch_tokens: int = 16384
+    max_length: int | None = None
+    dtype: str = "float32"
+    out: Path | None = None
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Score every task for the model (and the baseline); return results, write them when `cfg.out` is set."""
+    t0 = time.perf_counter()
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise BlockformerError(f"--limit must be a positive number of items, got {cfg.limit}")
+    tasks = [get_task(t) for t in cfg.tasks]
+    if cfg.out:
+        check_out(Path(cfg.out), cfg.overwrite)  # before the long work, not after it
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    data = {t.name: load_docs(t, data_dir, cfg.limit, cfg.seed) for t in tasks}
+    models = {"converted": cfg.model} if cfg.baseline is None else {"original": cfg.baseline, "converted": cfg.model}
+    loaded = {role: load_for_eval(spec, cfg.dtype) for role, spec in models.items()}
+    if cfg.baseline is not None:
+        check_same_tokenizer(loaded["original"][1], loaded["converted"][1], cfg.baseline, cfg.model)
+    results = {"config": {**asdict(cfg), "data_dir": str(data_dir)}, "models": {}, "tasks": {}}
+    for role, (model, tok, info) in loaded.items():
+        scorer = Scorer(model, tok, cfg.batch_tokens, max_length=cfg.max_length)
+        results["models"][role] = {**info, "max_length": scorer.max_length}
+        for task in tasks:
+            docs, source = data[task.name]
+            entry = results["tasks"].setdefault(task.name, {"source": source, "metrics": {}, "samples": {}})
+            metrics, samples, secs = score_task(scorer, task, docs, role)
+            entry["metrics"][role] = {**metrics, "seconds": round(secs, 2), "items_per_s": round(len(docs) / secs, 2)}
+            entry["samples"][role] = samples
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    if cfg.out:
+        write_results(results, Path(cfg.out), cfg.overwrite)
+    return results
+
+
+def load_for_eval(spec: str, dtype: str):
+    src = sources.resolve(spec)
+    model = sources.load_model(src, getattr(torch, dtype))
+    tok = sources.load_tokenizer(src)
+    info = {"spec": spec, "kind": src.kind, "model_type": model.config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": dtype}
+    if model.config.model_type == "block_transformer":
+        c = model.config
+        info.update(block_length=c.block_length, block_layers=c.num_block_layers, token_layers=c.num_token_layers,
+                    provenance=c.provenance)
+    return model, tok, info
+
+
+def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        diff = len(set(va.items()) ^ set(vb.items()))
+        raise BlockformerError(f"tokenizers of {name_a} and {name_b} differ ({len(va)} vs {len(vb)} entries, "
+                               f"{diff} differing); compare models that share a tokenizer")
+
+
+def score_task(scorer: Scorer, task: Task, docs: list[Doc], role: str):
+    t0 = time.perf_counter()
+    n_req = len(docs) if task.kind == "rolling" else sum(len(d.requests) for d in docs)
+    with tqdm(total=n_req, desc=f"{role:>9} {task.name}", unit="req", leave=False) as bar:
+        if task.kind == "rolling":
+            lls = scorer.loglikelihood_rolling([d.requests[0][1] for d in docs], bar)
+            bar.update(len(docs))
+            return rolling_metrics(lls, docs), lls, time.perf_counter() - t0
+        if task.kind == "loglikelihood":
+            flat = scorer.loglikelihood([d.requests[0] for d in docs], bar)
+            return loglikelihood_metrics(flat), [ll for ll, _ in flat], time.perf_counter() - t0
+        per_doc = [[ll for ll, _ in r] for r in scorer.loglikelihood_choices([d.requests for d in docs], bar)]
+    return mc_metrics(per_doc, docs, task.metrics), [argmax(x) for x in per_doc], time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+def argmax(xs) -> int:
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+def mean_stderr(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mu = sum(xs) / n
+    sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return mu, sd / math.sqrt(n)
+
+
+def mc_metrics(lls: list[list[float]], docs: list[Doc], names) -> dict:
+    out = {}
+    acc = [float(argmax(x) == d.gold) for x, d in zip(lls, docs)]
+    out["acc"], out["acc_stderr"] = mean_stderr(acc)
+    if "acc_norm" in names:
+        norm = [float(argmax([l / n for l, n in zip(x, d.lengths)]) == d.gold) for x, d in zip(lls, docs)]
+        out["acc_norm"], out["acc_norm_stderr"] = mean_stderr(norm)
+    return out
+
+
+def loglikelihood_metrics(flat: list[tuple[float, bool]]) -> dict:
+    nll, nll_se = mean_stderr([-ll for ll, _ in flat])
+    acc, acc_se = mean_stderr([float(g) for _, g in flat])
+    ppl = math.exp(nll)
+    return {"perplexity": ppl, "perplexity_stderr": ppl * nll_se, "acc": acc, "acc_stderr": acc_se}  # delta method
+
+
+def rolling_metrics(lls: list[float], docs: list[Doc]) -> dict:
+    total, words, nbytes = sum(lls), sum(d.words for d in docs), sum(d.bytes for d in docs)
+    return {"word_perplexity": math.exp(-total / words), "byte_perplexity": math.exp(-total / nbytes),
+            "bits_per_byte": -total / nbytes / math.log(2)}
+
+
+def write_results(results: dict, out: Path, overwrite: bool) -> None:
+    from .report import bar_chart
+    with atomic_folder(out, overwrite) as tmp:
+        slim = {**results, "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "samples"}
+                                     for k, v in results["tasks"].items()}}
+        (tmp / "results.json").write_text(json.dumps(slim, indent=2, default=str) + "\n")
+        (tmp / "samples.json").write_text(json.dumps({k: v["samples"] for k, v in results["tasks"].items()}) + "\n")
+        bar_chart(results, tmp / "results.png")

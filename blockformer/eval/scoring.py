@@ -1,0 +1,216 @@
+"""One scoring path for vanilla Hugging Face models and Block Transformers, with lm-eval 0.4's tokenisation.
+
+Log-likelihood of a continuation: `(context + continuation)[-(max_length + 1):][:-1]` is fed once; the logits at the
+continuation's positions are scored.  A Block Transformer anchors the last context token (it closes a block, as the
+last prompt token does in generation), so the continuation starts a new block: the score is exactly what the model
+assigns when it generates the continuation token by token after that context.
+
+Speed: requests are sorted by length and packed into batches under a token budget; only the continuation
+positions go through the LM head and log-softmax (the vocabulary projection dominates small models' cost).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..families import FAMILIES
+from ..model import BlockTransformerForCausalLM
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+class Scorer:
+    def __init__(self, model, tokenizer, batch_tokens: int = 16384, max_batch: int = 64, max_length: int | None = None):
+        self.model, self.tok = model.eval(), tokenizer
+        self.block = isinstance(model, BlockTransformerForCausalLM)
+        self.batch_tokens, self.max_batch = batch_tokens, max_batch
+        self.max_length = max_length or resolve_max_length(model.config, tokenizer)
+        self.device = next(model.parameters()).device
+
+    # ----------------------------------------------------------------------------------- tokenisation (lm-eval)
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+
+    def encode(self, text: str, special: bool | None = None) -> list[int]:
+        kw = {} if special is None else {"add_special_tokens": special}
+        if special is None and text.startswith(self.tok.decode(self.prefix_token_id)):
+            kw = {"add_special_tokens": False}  # the text already starts with BOS
+        return self.tok.encode(text, **kw)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.encode(continuation, special=False)
+            return ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
+        n = len(context) - len(context.rstrip())
+        if n:  # trailing spaces belong to the continuation, as lm-eval does
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ----------------------------------------------------------------------------------------------- scoring
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress=None) -> list[tuple[float, bool]]:
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], progress)
+
+    def loglikelihood_choices(self, items: list[list[tuple[str, str]]], progress=None):
+        """Per item, the scores of its (context, choice) pairs; a shared context runs once, its KV cache reused."""
+        enc = [[self.encode_pair(c, x) for c, x in pairs] for pairs in items]
+        out: list = [None] * len(items)
+        plain = [i for i, e in enumerate(enc) if not self._shareable(e)]
+        flat = self.loglikelihood_tokens([r for i in plain for r in enc[i]], progress)
+        for i in plain:
+            out[i], flat = flat[: len(enc[i])], flat[len(enc[i]):]
+        longest = lambda i: max(len(x) for _, x in enc[i])  # noqa: E731 - padding follows the longest choice
+        shared = sorted((i for i, e in enumerate(enc) if self._shareable(e)), key=lambda i: (len(enc[i]), -longest(i)))
+        for batch in self._shared_batches(shared, enc):
+            for i, r in zip(batch, self._score_shared([enc[i] for i in batch])):
+                out[i] = r
+            if progress is not None:
+                progress.update(sum(len(enc[i]) for i in batch))
+        return out
+
+    def _shareable(self, e) -> bool:
+        same_ctx = all(c == e[0][0] for c, _ in e)
+        fits = all(len(c) + len(x) - 1 <= self.max_length for c, x in e)
+        # the cached path costs more per token; it pays when the shared context dominates (ARC, HellaSwag)
+        pays = len(e[0][0]) >= 2 * sum(len(x) for _, x in e) / len(e)
+        return not self.block and self.model.config.model_type in FAMILIES and same_ctx and fits and pays
+
+    def _shared_batches(self, order, enc):
+        batch, tc, tx = [], 0, 0
+        for i in order:
+            n = len(enc[i])
+            tc2, tx2 = max(tc, len(enc[i][0][0])), max(tx, max(len(x) for _, x in enc[i]))
+            if batch and ((len(batch) + 1) * (tc2 + n * tx2) > self.batch_tokens or n != len(enc[batch[0]])):
+                yield batch
+                batch, tc2, tx2 = [], len(enc[i][0][0]), max(len(x) for _, x in enc[i])
+            batch.append(i)
+            tc, tx = tc2, tx2
+        if batch:
+            yield batch
+
+    def _score_shared(self, items):
+        """Contexts left-padded once (B, Tc); their cache repeated per choice; choices right-padded (B*n, Tx)."""
+        n, dev = len(items[0]), self.device
+        ctxs = [it[0][0] for it in items]
+        Tc = max(map(len, ctxs))
+        ids = torch.full((len(items), Tc), self.prefix_token_id, dtype=torch.long)
+        cmask = torch.zeros(len(items), Tc, dtype=torch.long)
+        for b, c in enumerate(ctxs):
+            ids[b, Tc - len(c):], cmask[b, Tc - len(c):] = torch.tensor(c), 1
+        pos = (cmask.cumsum(1) - 1).clamp(min=0)
+        out = self.model.base_model(input_ids=ids.to(dev), attention_mask=cmask.to(dev), position_ids=pos.to(dev),
+                                    use_cache=True)
+        first = out.last_hidden_state[:, -1].repeat_interleave(n, 0)                 # predicts each cont[0]
+        conts = [x for it in items for _, x in it]
+        Tx = max(map(len, conts)) - 1
+        hidden = [first[:, None]]
+        if Tx > 0:
+            out.past_key_values.batch_repeat_interleave(n)
+            xids = torch.full((len(conts), Tx), self.prefix_token_id, dtype=torch.long)
+            xmask = torch.zeros(len(conts), Tx, dtype=torch.long)
+            for b, x in enumerate(conts):
+                xids[b, : len(x) - 1], xmask[b, : len(x) - 1] = torch.tensor(x[:-1]), 1
+            xpos = pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(Tx)
+            mask = torch.cat([cmask.repeat_interleave(n, 0), xmask], 1)
+            h = self.model.base_model(input_ids=xids.to(dev), attention_mask=mask.to(dev), position_ids=xpos.to(dev),
+                                      cache=out.past_key_values).last_hidden_state
+            hidden.append(h)
+        h = torch.cat(hidden, 1)                                                        # (B*n, 1 + Tx, D)
+        scores = self._gather_scores(h, [(len(x), x) for x in conts])
+        return [scores[b * n:(b + 1) * n] for b in range(len(items))]
+
+    def loglikelihood_rolling(self, texts: list[str], progress=None) -> list[float]:
+        """Whole-text log-likelihood in disjoint windows of `max_length`, each after one token of context."""
+        reqs, owner = [], []
+        for i, text in enumerate(texts):
+            for w in rolling_windows(self.encode(text, special=False), self.prefix_token_id, self.max_length):
+                reqs.append(w)
+                owner.append(i)
+        out = [0.0] * len(texts)
+        for i, (ll, _) in zip(owner, self.loglikelihood_tokens(reqs, progress)):
+            out[i] += ll
+        return out
+
+    @torch.inference_mode()
+    def loglikelihood_tokens(self, reqs: list[tuple[list[int], list[int]]], progress=None):
+        """[(context ids, continuation ids)] -> [(sum of log-probs, greedy?)] in the input order."""
+        inputs = [((c + x)[-(self.max_length + 1):][:-1], x) for c, x in reqs]
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
+        results: list = [None] * len(inputs)
+        bar = progress or tqdm(total=len(inputs), disable=True)
+        for batch in self._batches(order, inputs):
+            for i, r in zip(batch, self._score([inputs[i] for i in batch])):
+                results[i] = r
+            bar.update(len(batch))
+        return results
+
+    def _batches(self, order, inputs):
+        batch, longest = [], 0
+        for i in order:
+            longest = max(longest, len(inputs[i][0]))
+            if batch and (len(batch) + 1) * longest > self.batch_tokens or len(batch) == self.max_batch:
+                yield batch
+                batch, longest = [], len(inputs[i][0])
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _score(self, rows):
+        T = max(len(inp) for inp, _ in rows)
+        ids = torch.full((len(rows), T), self.prefix_token_id, dtype=torch.long)
+        for b, (inp, _) in enumerate(rows):  # right padding: causal attention never looks at it
+            ids[b, : len(inp)] = torch.tensor(inp)
+        anchor = torch.tensor([len(inp) - len(cont) for inp, cont in rows])  # the last context token
+        h = self._hidden(ids.to(self.device), anchor.to(self.device))           # (B, T, D)
+        return self._gather_scores(h, [(len(inp), cont) for inp, cont in rows])
+
+    def _gather_scores(self, h, rows):
+        """rows: (end, continuation) per batch row; positions end-len(cont) .. end-1 of h predict it."""
+        pos = torch.cat([torch.arange(end - len(cont), end) for end, cont in rows]).to(self.device)
+        row = torch.cat([torch.full((len(cont),), b) for b, (_, cont) in enumerate(rows)]).to(self.device)
+        target = torch.tensor([t for _, cont in rows for t in cont], device=self.device)
+        logp = F.log_softmax(self._head(h[row, pos]).float(), -1)              # (n_cont, V): only where scored
+        tok_ll = logp.gather(1, target[:, None])[:, 0]
+        greedy = logp.argmax(-1) == target
+        out, start = [], 0
+        for _, cont in rows:
+            end = start + len(cont)
+            out.append((tok_ll[start:end].sum().item(), bool(greedy[start:end].all())))
+            start = end
+        return out
+
+    def _hidden(self, ids, anchor):
+        if self.block:
+            return self.model.final_hidden(ids, anchor=anchor)
+        if self.model.config.model_type in FAMILIES:  # plain families: final hidden state, then the head
+            return self.model.base_model(input_ids=ids).last_hidden_state
+        return self.model(input_ids=ids).logits  # unknown heads (soft-capping, scaling): take the logits
+
+    def _head(self, h):
+        if self.block or self.model.config.model_type in FAMILIES:
+            return self.model.get_output_embeddings()(h)
+        return h
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int):
+    """lm-eval's disjoint rolling windows: (context ids, predicted ids); every token is predicted once."""
+    if not tokens:
+        return
+    first = min(max_len, len(tokens))
+    yield [prefix], tokens[:first]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        yield tokens[max(end - max_len - 1, 0): end - n], tokens[end - n: end]
+        done = end
+
+
+def resolve_max_length(config, tokenizer) -> int:
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None):
+            return getattr(config, attr)
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if n and n < 10**9 else DEFAULT_MAX_LENGTH
