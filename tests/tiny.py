@@ -81,3 +81,39 @@ def perturb_new_parts(model, scale=0.3):
             m.weight.add_(torch.randn_like(m.weight) * scale / m.weight.shape[1] ** 0.5)
             m.bias.add_(torch.randn_like(m.bias) * 0.1)
     return model
+
+
+def write_synthetic_tasks(root, n=12, seed=0):
+    """Small files in the original formats of piqa, arc_easy, lambada_openai, wikitext and hellaswag (derived)."""
+    import json
+    import random
+    from pathlib import Path
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(4, VOCAB - 4)}" for _ in range(k))  # noqa: E731
+    root = Path(root)
+    for sub in ("piqa", "arc_easy", "lambada_openai", "wikitext2", "hellaswag"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    with open(root / "piqa/valid.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"goal": words(rng.randint(2, 6)), "sol1": words(rng.randint(1, 8)),
+                                "sol2": words(rng.randint(1, 8))}) + "\n")
+    (root / "piqa/valid-labels.lst").write_text("".join(f"{rng.randint(0, 1)}\n" for _ in range(n)))
+    with open(root / "arc_easy/ARC-Easy-Test.jsonl", "w") as f:
+        for i in range(n):
+            labels = ["A", "B", "C", "D"] if i % 3 else ["1", "2", "3"]
+            f.write(json.dumps({"id": f"q{i}", "answerKey": rng.choice(labels), "question": {
+                "stem": words(rng.randint(3, 9)),
+                "choices": [{"text": words(rng.randint(1, 3)), "label": lab} for lab in labels]}}) + "\n")
+    with open(root / "lambada_openai/lambada_test.jsonl", "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": words(rng.randint(5, 20))}) + "\n")
+    pages = []
+    for p in range(3):
+        body = "\n".join(f" {words(rng.randint(3, 30))} , {words(3)} . " for _ in range(rng.randint(2, 5)))
+        pages.append(f" = {words(2)} = \n \n{body}\n \n = = {words(1)} = = \n \n {words(12)} \n")
+    (root / "wikitext2/wiki.test.raw").write_text("".join(pages))
+    lines = []
+    for _ in range(n):
+        lines += [words(rng.randint(3, 9)), str(rng.randint(0, 3))] + [words(rng.randint(1, 5)) for _ in range(4)]
+    (root / "hellaswag/hellaswag_val_full.txt").write_text("\n".join(lines) + "\n")
+    return root

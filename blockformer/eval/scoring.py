@@ -134,6 +134,23 @@ class Scorer:
         return out
 
     @torch.inference_mode()
+    def greedy_until(self, context: str, until: list[str], max_new: int) -> str:
+        """Greedy continuation of `context`, stopped at EOS, a stop string or `max_new` tokens."""
+        ids = self.encode(context)[-(self.max_length - 1):]
+        new: list[int] = []
+        for _ in range(max_new):
+            x = torch.tensor([(ids + new)[-self.max_length:]], device=self.device)
+            anchor = torch.tensor([len(ids) - 1 - max(0, len(ids) + len(new) - self.max_length)], device=self.device)
+            nxt = int(self._head(self._hidden(x, anchor.clamp(min=0))[:, -1]).argmax(-1))
+            if nxt == self.tok.eos_token_id:
+                break
+            new.append(nxt)
+            text = self.tok.decode(new)
+            if any(u in text for u in until):
+                return text[: min(text.index(u) for u in until if u in text)]
+        return self.tok.decode(new)
+
+    @torch.inference_mode()
     def loglikelihood_tokens(self, reqs: list[tuple[list[int], list[int]]], progress=None):
         """[(context ids, continuation ids)] -> [(sum of log-probs, greedy?)] in the input order."""
         inputs = [((c + x)[-(self.max_length + 1):][:-1], x) for c, x in reqs]
