@@ -140,15 +140,16 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, rope, mask, cache_pos=None):  # x: (B, T, D); mask: (B, 1, T, S) bool, True = attend
+    def forward(self, x, rope, mask, cache_at=None):  # x: (B, T, D); mask: (B, 1, T, S) bool, True = attend
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, H_kv, T, hd)
         v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if self.cache is not None:
-            k, v = self.cache.update(cache_pos, k, v)                    # (B, H_kv, S, hd)
+        if cache_at is not None:  # (slots to write, slots to attend): generation's preallocated cache
+            k, v = self.cache.update(cache_at[0], k, v)
+            k, v = k[:, :, : cache_at[1]], v[:, :, : cache_at[1]]        # (B, H_kv, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
@@ -175,8 +176,8 @@ class DecoderLayer(nn.Module):
         self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
         self.parallel = cfg.parallel_residual
 
-    def forward(self, x, rope, mask, cache_pos=None):
-        a = self.attn(self.norm1(x), rope, mask, cache_pos)
+    def forward(self, x, rope, mask, cache_at=None):
+        a = self.attn(self.norm1(x), rope, mask, cache_at)
         if self.parallel:  # GPT-NeoX: both branches read the same input
             return x + a + self.mlp(self.norm2(x))
         x = x + a
@@ -192,10 +193,13 @@ class Stack(nn.Module):
         self.rotary = Rotary(cfg) if cfg.rope else None
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.learned_positions else None
 
-    def run(self, x, pos, mask, cache_pos=None):  # x: (B, T, D); pos: (B, T)
+    def run(self, x, pos, mask, cache_at=None):  # x: (B, T, D); pos: (B, T)
         rope = self.rotary(pos, x.dtype) if self.rotary is not None else None
+        return self.run_layers(x, rope, mask, cache_at)
+
+    def run_layers(self, x, rope, mask, cache_at=None):
         for layer in self.layers:
-            x = layer(x, rope, mask, cache_pos)
+            x = layer(x, rope, mask, cache_at)
         return x
 
 
@@ -216,11 +220,11 @@ class Embedder(nn.Module):
 class BlockDecoder(Stack):
     """Causal self-attention over block vectors; its output for block i is the context embedding of block i+1."""
 
-    def forward(self, x, block_mask, cache_pos=None):  # x: (B, N, D); block_mask: (B, N) bool
+    def forward(self, x, block_mask, cache_at=None):  # x: (B, N, D); block_mask: (B, N) bool
         pos = (block_mask.long().cumsum(-1) - 1).clamp(min=0)  # real-block index: left padding is invisible
         if self.wpe is not None:
             x = x + self.wpe(pos)
-        return self.run(x, pos, causal_mask(block_mask), cache_pos)
+        return self.run(x, pos, causal_mask(block_mask), cache_at)
 
 
 class TokenDecoder(Stack):
@@ -276,6 +280,11 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         self.post_init()
         init_mean_projection(self.embedder)  # after post_init, which would overwrite them with noise
         init_identity_expansion(self.token_decoder)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Batched generation (greedy or sampling); see `blockformer.generate.generate` for the options."""
+        from .generate import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def get_input_embeddings(self):
         return self.token_decoder.embed

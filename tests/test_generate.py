@@ -1,0 +1,103 @@
+"""Generation: greedy equals the argmax of full forward passes; batching, sampling, EOS, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockformer.errors import BlockformerError
+from tiny import VOCAB, convert_tiny, perturb_new_parts
+
+
+def argmax_reference(model, prompt, n):
+    """Repeated full forward passes over the growing sequence, prompt anchored as generation anchors it."""
+    seq = prompt.clone()
+    for _ in range(n):
+        logits = model(seq, anchor=torch.tensor([prompt.shape[1] - 1])).logits[0, -1]
+        seq = torch.cat([seq, logits.argmax()[None, None]], 1)
+    return seq
+
+
+@pytest.fixture
+def model(tiny_dirs, family, tmp_path):
+    return perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=3, prefix_length=2))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_len", [1, 5, 6])
+def test_greedy_equals_forward_argmax(model, prompt_len):
+    prompt = torch.randint(3, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out = model.generate(prompt, max_new_tokens=11, eos_token_id=None)
+    assert torch.equal(out, argmax_reference(model, prompt, 11))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block_length", [1, 4])
+def test_greedy_equals_forward_argmax_block_lengths(tiny_dirs, tmp_path, block_length):
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=block_length))
+    prompt = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(prompt, max_new_tokens=9, eos_token_id=None), argmax_reference(model, prompt, 9))
+
+
+@torch.no_grad()
+def test_batch_equals_one_by_one(model):
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (2, 7, 4)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):  # left padding, as tokenizers do for generation
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=8, eos_token_id=None)
+        assert torch.equal(batch[b, T:], alone[0, len(p):])
+
+
+@torch.no_grad()
+def test_sampling_is_reproducible_with_a_seed(model):
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=20, top_p=0.9, eos_token_id=None)
+    a, b = model.generate(prompt, seed=7, **kw), model.generate(prompt, seed=7, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, model.generate(prompt, seed=8, **kw))
+
+
+@torch.no_grad()
+def test_eos_stops_each_sequence(model):
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    free = model.generate(prompt, max_new_tokens=10, eos_token_id=None)
+    eos = int(free[0, 5 + 3])  # a token row 0 emits: it must stop there
+    out = model.generate(prompt, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    for b in range(2):
+        hits = (free[b, 5:] == eos).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 10  # tokens kept, the EOS included
+        assert torch.equal(out[b, :5 + stop], free[b, :5 + stop]) and (out[b, 5 + stop:] == 0).all()
+    assert (out[0, 5:] == 0).any()
+
+
+@torch.no_grad()
+def test_streamer_sees_every_token(model):
+    class Collect:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, t):
+            self.got.append(t)
+
+        def end(self):
+            self.ended = True
+    s = Collect()
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, eos_token_id=None, streamer=s)
+    assert s.ended and torch.equal(torch.cat(s.got, 1), out[:, 3:])
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(max_new_tokens=0), "max_new_tokens"),
+                                    (dict(max_new_tokens=300), "context")])
+def test_bad_generation_arguments(model, kw, msg):
+    with pytest.raises(BlockformerError, match=msg):
+        model.generate(torch.tensor([[5, 6]]), **kw)
+
+
+def test_empty_prompt(model):
+    with pytest.raises(BlockformerError, match="empty prompt"):
+        model.generate(torch.tensor([[0, 0]]), attention_mask=torch.tensor([[0, 0]]), max_new_tokens=3)
