@@ -94,5 +94,148 @@ def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_lengt
     click.echo(f"wrote {out}/results.json, samples.json and results.png")
 
 
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate.")
+@click.option("--sample/--greedy", default=False, show_default=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=0.8, show_default=True, help="Sampling temperature.")
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this probability mass.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@friendly
+def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat):
+    """Stream MODEL's continuation of PROMPT to the terminal."""
+    import time
+    import torch
+    from transformers import TextStreamer
+    from . import sources
+    from .errors import BlockformerError
+    if not prompt:
+        raise BlockformerError("empty prompt")
+    src = sources.resolve(model)
+    m, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
+    if chat:
+        if not tok.chat_template:
+            raise BlockformerError("--chat: this tokenizer has no chat template")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    click.echo(prompt if not chat else "", nl=False)
+    t0 = time.perf_counter()
+    out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, streamer=streamer)
+    n = out.shape[1] - ids.shape[1]
+    click.echo(f"[{n} tokens in {time.perf_counter() - t0:.2f} s]", err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--baseline", default=None, help="Original model, run through Hugging Face generate in the same run.")
+@click.option("--quick", is_flag=True, help="Shorter scenarios: prompt 1024 / generate 32 and prompt 128 / generate 256.")
+@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["prefill-heavy", "decode-heavy"]),
+              help="Run only these scenarios [default: both].")
+@click.option("--prompt-len", type=int, default=None, help="A custom scenario: prompt length (with --gen-len).")
+@click.option("--gen-len", type=int, default=None, help="A custom scenario: tokens to generate (with --prompt-len).")
+@click.option("--batch-sizes", default=None, help="Comma-separated batch sweep [default: 8 prefill-heavy, 16 decode-heavy].")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per point (the median is reported).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Dtype of both models.")
+@click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True,
+              help="Device of both models.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for bench.json and throughput.png [default: runs/bench-TIME].")
+@friendly
+def bench(model, baseline, quick, scenarios, prompt_len, gen_len, batch_sizes, repeats, dtype, device, out):
+    """Measure generation throughput of MODEL (a Block Transformer) against --baseline."""
+    import json
+    import time
+    from .bench import QUICK, SCENARIOS, BenchConfig, run_bench, table
+    from .errors import BlockformerError
+    table_ = dict(QUICK if quick else SCENARIOS)
+    if prompt_len or gen_len:
+        if not (prompt_len and gen_len) or prompt_len < 1 or gen_len < 1:
+            raise BlockformerError("--prompt-len and --gen-len go together and must be at least 1")
+        table_ = {f"custom {prompt_len}/{gen_len}": (prompt_len, gen_len)}
+    elif scenarios:
+        table_ = {k: v for k, v in table_.items() if k in scenarios}
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(",")) if batch_sizes else None
+    except ValueError:
+        raise BlockformerError(f"--batch-sizes must be integers separated by commas, got {batch_sizes}")
+    if sizes and min(sizes) < 1:
+        raise BlockformerError("--batch-sizes must be at least 1")
+    out = out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    res = run_bench(BenchConfig(model, baseline, table_, sizes, repeats, dtype, device, out=out),
+                    log=lambda s: click.echo(s, err=True))
+    click.echo(table(res))
+    click.echo(f"wrote {out}/bench.json and throughput.png")
+    click.echo(json.dumps({"points": [{k: p[k] for k in p if k in ("scenario", "prompt", "generate", "batch", "speedup")}
+                                      for p in res["points"]]}))
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90s', '5m', '1.5h' or plain seconds -> seconds."""
+    if text is None:
+        return None
+    from .errors import BlockformerError
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise BlockformerError(f"--max-time must look like 90s, 5m or 1h, got {text}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Text/jsonl/parquet file, a folder of them, or a Hugging Face dataset.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (checkpoints, metrics, model).")
+@click.option("--teacher", default=None, help="Original model to distil from (folder, hub id, .gguf, 'default').")
+@click.option("--kd-weight", default=0.5, show_default=True, help="With --teacher: loss = (1-w) CE + w KD.")
+@click.option("--temperature", default=1.0, show_default=True, help="Distillation temperature.")
+@click.option("--align-weight", default=0.0, show_default=True,
+              help="Weight of the MSE between the block decoder output and the teacher's hidden state at the split.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/datasets.")
+@click.option("--split", default="train", show_default=True, help="Dataset split (Hugging Face datasets).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per row (rounded up to the block length).")
+@click.option("--batch-size", default=4, show_default=True, help="Rows per micro-batch per process.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate (AdamW, warmup + cosine).")
+@click.option("--warmup-steps", default=20, show_default=True, help="Linear warm-up steps.")
+@click.option("--max-steps", type=int, default=None, help="Budget: optimizer steps.")
+@click.option("--max-tokens", type=int, default=None, help="Budget: training tokens.")
+@click.option("--max-time", default=None, help="Budget: training time, e.g. 5m.")
+@click.option("--lora-rank", default=0, show_default=True, help="LoRA rank on the decoder linears (0: full fine-tuning).")
+@click.option("--freeze", default="", help="Comma-separated parts to freeze: embedder, block_decoder, token_decoder.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 autocast where the hardware supports it.")
+@click.option("--eval-every", default=50, show_default=True, help="Validation every N steps.")
+@click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--keep-last", default=2, show_default=True, help="Checkpoints kept.")
+@click.option("--seed", default=0, show_default=True, help="Seed of data order and padding.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace --out.")
+@friendly
+def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len, batch_size,
+            grad_accum, lr, warmup_steps, max_steps, max_tokens, max_time, lora_rank, freeze, precision, eval_every,
+            save_every, keep_last, seed, resume, overwrite):
+    """Uptrain MODEL (a converted folder) on --data, with cross-entropy or distillation from --teacher."""
+    from .uptrain import UptrainConfig, uptrain as run
+    cfg = UptrainConfig(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len,
+                        batch_size, grad_accum, lr, warmup_steps=warmup_steps, max_steps=max_steps,
+                        max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,
+                        freeze=tuple(f for f in freeze.split(",") if f), precision=precision, eval_every=eval_every,
+                        save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite)
+    s = run(cfg)
+    last = s["history"][-1] if s["history"] else {}
+    click.echo(f"{s['step']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s; last loss "
+               f"{last.get('loss', float('nan')):.3f}" + (f", validation perplexity {last['val_ppl']:.2f}"
+                                                          if "val_ppl" in last else ""))
+    click.echo(f"wrote {out}/model (plain model folder), metrics.jsonl, loss.png")
+
+
 if __name__ == "__main__":
     main()

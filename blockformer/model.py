@@ -321,19 +321,23 @@ class BlockTransformerForCausalLM(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, anchor=None, **_):
+    def forward(self, input_ids, attention_mask=None, labels=None, anchor=None, return_hidden=False, **_):
         """Causal-LM forward: `logits[:, t]` is the distribution of token t+1.
 
         `anchor` (B,) optionally names, per row, the input position that must close a block (default: the first
         real token). Scoring and generation anchor the last prompt token, so a continuation starts a new block.
+        `return_hidden` skips the LM head and returns `hidden_states=(final hidden (B, T, D), block-decoder
+        output (B, N, D), per-row shift (B,))`, for losses computed in chunks over the vocabulary.
         """
+        if return_hidden:
+            return CausalLMOutput(hidden_states=self.final_hidden(input_ids, attention_mask, anchor, True))
         logits = self.lm_head(self.final_hidden(input_ids, attention_mask, anchor))   # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def final_hidden(self, input_ids, attention_mask=None, anchor=None):
+    def final_hidden(self, input_ids, attention_mask=None, anchor=None, with_context=False):
         """Normalised last hidden states (B, T, D), ready for `lm_head`."""
         L = self.config.block_length
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -345,8 +349,8 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         h = self.token_decoder(ctx, nxt, nxt_mask).flatten(1, 2)                    # (B, N*L_B, D)
         # the prediction *from* aligned position q sits at index q - (L_B - 1); block 0's other slots have none
         idx = (torch.arange(input_ids.shape[1], device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
-        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))                  # (B, T, D)
-        return self.token_decoder.norm(h)
+        h = self.token_decoder.norm(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))  # (B, T, D)
+        return (h, ctx, shift) if with_context else h
 
 
 def align_to_blocks(input_ids, mask, L: int, anchor=None):

@@ -1,0 +1,203 @@
+"""Generation throughput: a Block Transformer vs its original through Hugging Face `generate`, in one run.
+
+    blockformer bench out/smollm2-block --baseline default                 # the paper's two scenarios
+    blockformer bench out/smollm2-block --baseline default --quick         # shorter lengths, a minute or two
+    blockformer bench out/tiny --baseline tiny-orig --prompt-len 16 --gen-len 8 --batch-sizes 1,2 --repeats 2
+
+Random prompt tokens, EOS disabled, one warm-up, then the median of timed runs (clock read after synchronising).
+The original runs through HF `generate` with its default attention (sdpa) and cache, in the same dtype.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import costs, sources
+from .errors import BlockformerError
+
+SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
+QUICK = {"prefill-heavy": (1024, 32), "decode-heavy": (128, 256)}
+DEFAULT_BATCH = {"prefill-heavy": 8, "decode-heavy": 16}
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    baseline: str | None = None
+    scenarios: dict = field(default_factory=lambda: dict(SCENARIOS))
+    batch_sizes: tuple[int, ...] | None = None     # default: 8 for prefill-heavy, 16 for decode-heavy
+    repeats: int = 3
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    out: Path | None = None
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    model, tok_info = _load(cfg.model, cfg), None
+    baseline = _load(cfg.baseline, cfg) if cfg.baseline else None
+    if model.config.model_type != "block_transformer":
+        raise BlockformerError(f"{cfg.model} is not a Block Transformer folder (model_type {model.config.model_type})")
+    peak, bw = costs.machine_rates(getattr(torch, cfg.dtype))
+    res = {"config": {**asdict(cfg), "out": str(cfg.out)}, "machine": machine(peak, bw), "points": []}
+    for name, (P, G) in cfg.scenarios.items():
+        for B in cfg.batch_sizes or (DEFAULT_BATCH.get(name, 8),):
+            point = {"scenario": name, "prompt": P, "generate": G, "batch": B}
+            _check_context(model, P, G)
+            ids = torch.randint(10, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(cfg.seed))
+            ids = ids.to(cfg.device)
+            point["block"] = measure(lambda n: model.generate(ids, max_new_tokens=n, eos_token_id=None), B, G, cfg)
+            point["block"]["kv_cache_bytes"] = B * model.kv_cache_bytes(P + G)
+            if baseline is not None:
+                point["original"] = measure(lambda n: hf_generate(baseline, ids, n), B, G, cfg)
+                point["original"]["kv_cache_bytes"] = B * original_kv_bytes(baseline, P + G)
+                point["speedup"] = point["block"]["tokens_per_s"] / point["original"]["tokens_per_s"]
+            point["predicted"] = costs.predict(model.config, P, G, B, model.lm_head.weight.element_size(), peak, bw)
+            res["points"].append(point)
+            log(point_line(point))
+    if cfg.out:
+        write(res, Path(cfg.out))
+    return res
+
+
+def _load(spec: str, cfg: BenchConfig):
+    try:
+        return sources.load_model(sources.resolve(spec), getattr(torch, cfg.dtype)).to(cfg.device)
+    except BlockformerError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise BlockformerError(f"could not load {spec}: {sources.first_line(e)}") from e
+
+
+def _check_context(model, P: int, G: int) -> None:
+    if P + G > model.config.max_position_embeddings:
+        raise BlockformerError(f"prompt {P} + generate {G} exceeds the model's context of "
+                               f"{model.config.max_position_embeddings} tokens")
+
+
+def hf_generate(model, ids, n: int):
+    from transformers import GenerationConfig
+    gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+
+
+def measure(gen, B: int, G: int, cfg: BenchConfig) -> dict:
+    """Warm-up, then median wall time of full runs and of one-token runs (time to first token), peak memory."""
+    try:
+        gen(2)  # warm-up: every code path, caches allocated once
+        ttft = statistics.median(_timed(lambda: gen(1), cfg.device) for _ in range(cfg.repeats))
+        reset_peak_memory(cfg.device)
+        times = [_timed(lambda: gen(G), cfg.device) for _ in range(cfg.repeats)]
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if "memory" in str(e).lower() or "alloc" in str(e).lower():
+            raise BlockformerError(f"batch {B} does not fit in memory; try a smaller --batch-sizes") from e
+        raise
+    t = statistics.median(times)
+    return {"seconds": t, "seconds_all": times, "tokens_per_s": B * G / t, "ttft_s": ttft,
+            "peak_memory_bytes": peak_memory(cfg.device)}
+
+
+def _timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: reset the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory(device: str) -> int | None:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def original_kv_bytes(model, tokens: int) -> int:
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    heads = getattr(c, "num_attention_heads", None) or c.n_head
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    hd = getattr(c, "head_dim", None) or (getattr(c, "hidden_size", None) or c.n_embd) // heads
+    return 2 * layers * kv * hd * next(model.parameters()).element_size() * tokens
+
+
+def machine(peak: float, bw: float) -> dict:
+    import platform
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "matmul_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def point_line(p: dict) -> str:
+    b, o = p["block"], p.get("original")
+    s = f"{p['scenario']:>14} P={p['prompt']:<5} G={p['generate']:<5} B={p['batch']:<3} block {b['tokens_per_s']:8.1f} tok/s"
+    if o:
+        s += f" | original {o['tokens_per_s']:8.1f} tok/s | {p['speedup']:.1f}x (predicted {p['predicted']['speedup']:.1f}x)"
+    return s
+
+
+def table(res: dict) -> str:
+    head = ("scenario", "P", "G", "B", "model", "tok/s", "TTFT s", "peak MiB", "KV MiB", "speed-up", "predicted")
+    rows = []
+    for p in res["points"]:
+        for role in ("original", "block"):
+            if role in p:
+                m = p[role]
+                rows.append((p["scenario"], p["prompt"], p["generate"], p["batch"], role, f"{m['tokens_per_s']:.1f}",
+                             f"{m['ttft_s']:.3f}", f"{(m['peak_memory_bytes'] or 0) / 2**20:.0f}",
+                             f"{m['kv_cache_bytes'] / 2**20:.1f}",
+                             f"{p['speedup']:.2f}x" if role == "block" and "speedup" in p else "",
+                             f"{p['predicted']['speedup']:.2f}x" if role == "block" else ""))
+    w = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(x).rjust(n) for x, n in zip(r, w))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, rows)])
+
+
+def write(res: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, out / "throughput.png")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scen = list(dict.fromkeys(p["scenario"] for p in res["points"]))
+    fig, axes = plt.subplots(1, len(scen), figsize=(5.5 * len(scen), 4), squeeze=False)
+    for ax, name in zip(axes[0], scen):
+        pts = [p for p in res["points"] if p["scenario"] == name]
+        for role, style in (("original", "o-"), ("block", "s-")):
+            xs = [p["batch"] for p in pts if role in p]
+            ax.plot(xs, [p[role]["tokens_per_s"] for p in pts if role in p], style, label=role)
+        ax.set(title=f"{name} (P={pts[0]['prompt']}, G={pts[0]['generate']})", xlabel="batch size",
+               ylabel="generated tokens/s", xscale="log", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

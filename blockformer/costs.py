@@ -1,0 +1,78 @@
+"""Cost model: FLOPs and memory bytes of generation, for the original and the Block Transformer.
+
+Per phase, time = max(FLOPs / peak FLOP/s, bytes / bandwidth) (a roofline), with both rates measured on the
+machine at hand. Bytes count parameters read (once per decoding step, shared by the batch) and KV cache read and
+written; FLOPs count the matrix products (2 per multiply-add) and attention. The prediction ignores framework
+overhead, which is exactly what the measurement adds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the cost model needs to know about one decoder stack."""
+    layers: int
+    layer_params: int      # parameters of one decoder layer
+    kv_per_pos: int        # KV bytes per cached position of one layer
+    attn_dim: int          # heads * head_dim
+
+
+def layer_shape(cfg, n_layers: int, dtype_bytes: int) -> Shape:
+    D, I, H, Hkv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    mlp = (3 if getattr(cfg, "mlp_type", "gated") == "gated" else 2) * D * I
+    return Shape(n_layers, D * (H + 2 * Hkv) * hd + H * hd * D + mlp, 2 * Hkv * hd * dtype_bytes, H * hd)
+
+
+def stack_cost(s: Shape, new: int, ctx: float, B: int, bytes_el: int) -> tuple[float, float]:
+    """FLOPs and bytes for `new` positions per row attending to `ctx` positions on average, batch B, one call."""
+    flops = s.layers * B * new * (2 * s.layer_params + 4 * s.attn_dim * ctx)
+    data = s.layers * (s.layer_params * bytes_el + B * (ctx + new) * s.kv_per_pos)
+    return flops, data
+
+
+def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float, bandwidth: float) -> dict:
+    """Predicted seconds for the original and the block model generating G tokens after a P-token prompt.
+
+    Costs are linear in the context, so each decoding phase is costed at its mean context.
+    """
+    c, L, p = cfg_block, cfg_block.block_length, cfg_block.prefix_length
+    head, emb = c.hidden_size * c.vocab_size, L * c.hidden_size * c.hidden_size
+    orig = layer_shape(c, c.num_block_layers + c.num_token_layers, bytes_el)
+    bd, td = layer_shape(c, c.num_block_layers, bytes_el), layer_shape(c, c.num_token_layers, bytes_el)
+
+    def t(stack, new, ctx, extra, rows=1):  # a stack call plus `extra` parameters applied to `rows` positions
+        f, b = stack_cost(stack, new, ctx, B, bytes_el)
+        return max((f + 2 * B * rows * extra) / peak_flops, (b + extra * bytes_el) / bandwidth)
+
+    vanilla = t(orig, P, P / 2, head) + G * t(orig, 1, P + G / 2, head)   # the head runs on the last position
+    nb = P / L
+    block = t(bd, round(nb), nb / 2, emb, round(nb))                        # block-level prefill only
+    per_block = (t(bd, 1, nb + G / (2 * L), emb)                            # one block-decoder step
+                 + t(td, p, p / 2, head)                                    # prefix -> first token
+                 + (L - 1) * t(td, 1, p + L / 2, head))                     # the block's other tokens
+    block += per_block * G / L
+    return {"original_s": vanilla, "block_s": block, "speedup": vanilla / block}
+
+
+def machine_rates(dtype=torch.float32, seconds: float = 1.0) -> tuple[float, float]:
+    """Measured matmul FLOP/s and memory bandwidth (bytes/s) of this machine, for the roofline."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 4096, dtype=dtype)
+    flops = _rate(lambda: a @ b, 2 * 1024 * 1024 * 4096, seconds)
+    big = torch.empty(64 * 2**20 // a.element_size(), dtype=dtype)
+    dst = torch.empty_like(big)
+    bw = _rate(lambda: dst.copy_(big), 2 * big.numel() * big.element_size(), seconds)
+    return flops, bw
+
+
+def _rate(fn, work: float, seconds: float) -> float:
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return work * n / (time.perf_counter() - t0)

@@ -1,0 +1,131 @@
+"""Training data: text files, jsonl/parquet, or a Hugging Face dataset -> packed, block-aligned token rows.
+
+Documents are tokenised, joined with EOS and packed into rows of `seq_len` tokens (a multiple of the block length).
+Following the paper, each document is preceded by U{0..L_B-1} pad tokens (masked, never predicted), so that the
+model sees documents at every alignment to block boundaries. The first rows form a held-out validation slice.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BlockformerError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+
+
+@dataclass
+class Packed:
+    ids: torch.Tensor       # (rows, seq_len)
+    mask: torch.Tensor      # (rows, seq_len) bool: real tokens
+    labels: torch.Tensor    # (rows, seq_len): -100 where nothing is predicted
+    n_val: int              # the first n_val rows are the validation slice
+    documents: int
+    tokens: int
+
+    def train(self, i: int):
+        return self.ids[self.n_val + i], self.mask[self.n_val + i], self.labels[self.n_val + i]
+
+    @property
+    def n_train(self) -> int:
+        return self.ids.shape[0] - self.n_val
+
+
+def read_documents(spec: str, field: str = "text", split: str = "train", max_docs: int | None = None) -> list[str]:
+    """Documents from a file, a folder of files, or a Hugging Face dataset name (streamed)."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet"})
+        if not files:
+            raise BlockformerError(f"{spec} holds no .txt, .jsonl or .parquet files")
+        docs = [d for f in files for d in _read_file(f, field)]
+    elif p.is_file():
+        docs = _read_file(p, field)
+    elif "/" in spec and not spec.startswith((".", "/", "~")):
+        docs = _read_hub(spec, field, split, max_docs)
+    else:
+        raise BlockformerError(f"--data {spec} not found (a text/jsonl/parquet file, a folder, or a dataset name)")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise BlockformerError(f"--data {spec} holds no text")
+    return docs[:max_docs] if max_docs else docs
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    if path.suffix in TEXT_SUFFIXES:
+        return [normalise(path.read_text(encoding="utf-8", errors="replace"))]
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise BlockformerError(f"{path}:{i}: malformed JSON ({e.msg})") from e
+        return [_field(r, field, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise BlockformerError(f"{path} has no column '{field}' (columns: {', '.join(table.column_names)})")
+        return [str(x) for x in table.column(field).to_pylist()]
+    raise BlockformerError(f"{path}: unsupported file type (use .txt, .jsonl or .parquet)")
+
+
+def _field(row: dict, field: str, where: str) -> str:
+    if field not in row:
+        raise BlockformerError(f"{where}: no field '{field}' (fields: {', '.join(row)}); set --text-field")
+    return str(row[field])
+
+
+def _read_hub(name: str, field: str, split: str, max_docs: int | None) -> list[str]:
+    try:
+        import datasets
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        out = []
+        for row in ds:
+            out.append(_field(row, field, name))
+            if max_docs and len(out) >= max_docs:
+                break
+        return out
+    except BlockformerError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise BlockformerError(f"could not stream dataset {name}: {type(e).__name__}") from e
+
+
+def normalise(text: str) -> str:
+    """CRLF to LF; drop Project Gutenberg's START/END marker lines."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join(x for x in lines if not x.startswith("*** START OF") and not x.startswith("*** END OF"))
+
+
+def pack(docs: list[str], tokenizer, seq_len: int, block_length: int, val_fraction: float = 0.05,
+         seed: int = 0, chunk_chars: int = 20000) -> Packed:
+    """Tokenise, pad each document's front by U{0..L_B-1}, join with EOS, cut into rows of seq_len."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rng = random.Random(seed)
+    ids, real, target = [], [], []
+    for doc in docs:
+        n_pad = rng.randrange(block_length)
+        toks = [t for i in range(0, len(doc), chunk_chars)  # long books: tokenise in chunks
+                for t in tokenizer.encode(doc[i:i + chunk_chars], add_special_tokens=False)] + [eos]
+        ids += [pad] * n_pad + toks
+        real += [False] * n_pad + [True] * len(toks)
+        # the token right after the pads has no real predecessor in its document: not a target
+        target += [False] * n_pad + [n_pad == 0] + [True] * (len(toks) - 1)
+    rows = len(ids) // seq_len
+    if rows < 2:
+        raise BlockformerError(f"the data holds {len(ids)} tokens: fewer than two rows of --seq-len {seq_len}")
+    cut = lambda xs, dt: torch.tensor(xs[: rows * seq_len], dtype=dt).view(rows, seq_len)  # noqa: E731
+    ids_t, mask_t = cut(ids, torch.long), cut(real, torch.bool)
+    labels = torch.where(cut(target, torch.bool), ids_t, torch.full_like(ids_t, -100))
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))  # validation: a random slice
+    n_val = max(1, round(rows * val_fraction))
+    return Packed(ids_t[order], mask_t[order], labels[order], n_val, len(docs), int(mask_t.sum()))
