@@ -53,6 +53,7 @@ class Scorer:
     def loglikelihood(self, pairs: list[tuple[str, str]], progress=None) -> list[tuple[float, bool]]:
         return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], progress)
 
+    @torch.inference_mode()
     def loglikelihood_choices(self, items: list[list[tuple[str, str]]], progress=None):
         """Per item, the scores of its (context, choice) pairs; a shared context runs once, its KV cache reused."""
         enc = [[self.encode_pair(c, x) for c, x in pairs] for pairs in items]
@@ -73,9 +74,11 @@ class Scorer:
     def _shareable(self, e) -> bool:
         same_ctx = all(c == e[0][0] for c, _ in e)
         fits = all(len(c) + len(x) - 1 <= self.max_length for c, x in e)
-        # the cached path costs more per token; it pays when the shared context dominates (ARC, HellaSwag)
-        pays = len(e[0][0]) >= 2 * sum(len(x) for _, x in e) / len(e)
-        return not self.block and self.model.config.model_type in FAMILIES and same_ctx and fits and pays
+        # padded cost of the cached path vs the plain one; the cached path pays when the context dominates
+        shared_cost = len(e[0][0]) + len(e) * max(len(x) for _, x in e)
+        plain_cost = sum(len(c) + len(x) for c, x in e)
+        cheaper = shared_cost < 0.8 * plain_cost
+        return not self.block and self.model.config.model_type in FAMILIES and same_ctx and fits and cheaper
 
     def _shared_batches(self, order, enc):
         batch, tc, tx = [], 0, 0
@@ -121,6 +124,7 @@ class Scorer:
         scores = self._gather_scores(h, [(len(x), x) for x in conts])
         return [scores[b * n:(b + 1) * n] for b in range(len(items))]
 
+    @torch.inference_mode()
     def loglikelihood_rolling(self, texts: list[str], progress=None) -> list[float]:
         """Whole-text log-likelihood in disjoint windows of `max_length`, each after one token of context."""
         reqs, owner = [], []
