@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,7 +90,7 @@ def uptrain(cfg: UptrainConfig) -> dict:
     teacher = load_teacher(cfg, tok) if cfg.teacher else None
     docs = read_documents(cfg.data, cfg.text_field, cfg.split)
     data = pack(docs, tok, cfg.seq_len, model.config.block_length, cfg.val_fraction, cfg.seed)
-    acc = Accelerator(mixed_precision="no", gradient_accumulation_steps=1)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # on CPU, several processes use gloo
     if cfg.overwrite and not cfg.resume and acc.is_main_process:
         shutil.rmtree(cfg.out, ignore_errors=True)
     model = prepare_trainable(model, cfg)
@@ -215,6 +217,8 @@ def loop(cfg, acc, model, teacher, opt, sched, data, state):
         if state["step"] % cfg.save_every == 0 and acc.is_main_process:
             save_checkpoint(cfg, acc.unwrap_model(model), opt, sched, state)
         acc.wait_for_everyone()
+        if os.environ.get("BLOCKFORMER_CRASH_AFTER_STEP") == str(state["step"]):  # fault injection for tests
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
 
