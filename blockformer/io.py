@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -48,3 +49,15 @@ def _readable(folder: Path) -> None:
     os.umask(mask)
     for p in folder.rglob("*"):
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise BlockformerError(f"{path}:{i}: malformed JSON ({e.msg})") from e
+    return rows

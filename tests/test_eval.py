@@ -14,7 +14,8 @@ from blockformer.eval import EvalConfig, Scorer, evaluate
 from blockformer.eval.harness import score_task
 from blockformer.eval.scoring import rolling_windows
 from blockformer.eval.tasks import get_task, load_docs, wikitext_pages
-from tiny import convert_tiny, load_original, perturb_new_parts, tiny_tokenizer, write_synthetic_tasks
+from tiny import (convert_tiny, load_original, perturb_new_parts, save_with_other_tokenizer, tiny_tokenizer,
+                  write_synthetic_tasks)
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +132,7 @@ def test_missing_model(data, tmp_path):
 
 
 def test_tokenizer_mismatch(block_dir, tiny_dirs, data, tmp_path):
-    other = tmp_path / "other"
-    load_original(tiny_dirs["llama"]).save_pretrained(other)
-    tok = tiny_tokenizer()
-    tok.add_tokens(["zzz"])
-    tok.save_pretrained(other)
+    other = save_with_other_tokenizer(tiny_dirs["llama"], tmp_path / "other")
     with pytest.raises(BlockformerError, match="tokenizers .* differ"):
         evaluate(EvalConfig(str(block_dir), baseline=str(other), tasks=("piqa",), data_dir=data))
 

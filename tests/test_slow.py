@@ -39,3 +39,31 @@ def test_degenerate_split_of_the_real_model_is_exact(original):
     block = build_block_model(original, fam, cfg, arch, layers, [])
     x = torch.randint(0, 49152, (2, 25))
     assert_close(block(x).logits, original(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_harness_agrees_with_lm_eval_on_the_real_model(tmp_path, original):
+    """Same chosen answers and metrics as lm-eval itself on the shared PIQA/LAMBADA files (20 items each)."""
+    import math
+    from pathlib import Path
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from blockformer import sources
+    from blockformer.eval.harness import score_task
+    from blockformer.eval.lm_eval_tasks import export
+    from blockformer.eval.scoring import Scorer
+    from blockformer.eval.tasks import default_data_dir, get_task, load_docs
+    data = default_data_dir()
+    if data is None or not (Path(data) / "piqa").is_dir():
+        pytest.skip("no shared task data")
+    tok = sources.load_tokenizer(sources.resolve("default"))
+    names = export(["piqa", "lambada_openai"], data, tmp_path, limit=20)
+    r = lm_eval.simple_evaluate(model=HFLM(pretrained=original, tokenizer=tok, batch_size=8), tasks=names,
+                                task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+                                bootstrap_iters=0)
+    for task in ("piqa", "lambada_openai"):
+        docs, _ = load_docs(get_task(task), data, limit=20)
+        ours, samples, _ = score_task(Scorer(original, tok), get_task(task), docs, "t")
+        theirs = r["results"][f"{task}_local"]
+        for metric in get_task(task).metrics:
+            assert math.isclose(ours[metric], theirs[f"{metric},none"], rel_tol=1e-3), (task, metric)

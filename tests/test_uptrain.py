@@ -14,7 +14,7 @@ from blockformer.cli import main
 from blockformer.errors import BlockformerError
 from blockformer.uptrain import UptrainConfig, uptrain
 from blockformer.uptrain.data import pack, read_documents
-from tiny import VOCAB, convert_tiny, load_block, tiny_tokenizer
+from tiny import VOCAB, convert_tiny, load_block, save_with_other_tokenizer, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +135,7 @@ def test_bad_input(block, tmp_path, setup, args, msg):
 
 
 def test_teacher_with_another_tokenizer_is_refused(block, corpus, tiny_dirs, tmp_path):
-    other = tmp_path / "teacher"
-    from tiny import load_original
-    load_original(tiny_dirs["llama"]).save_pretrained(other)
-    tok = tiny_tokenizer()
-    tok.add_tokens(["zzz"])
-    tok.save_pretrained(other)
+    other = save_with_other_tokenizer(tiny_dirs["llama"], tmp_path / "teacher")
     with pytest.raises(BlockformerError, match="different tokenizer"):
         uptrain(UptrainConfig(str(block), str(corpus), tmp_path / "run", teacher=str(other), max_steps=1))
 

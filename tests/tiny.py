@@ -117,3 +117,12 @@ def write_synthetic_tasks(root, n=12, seed=0):
         lines += [words(rng.randint(3, 9)), str(rng.randint(0, 3))] + [words(rng.randint(1, 5)) for _ in range(4)]
     (root / "hellaswag/hellaswag_val_full.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def save_with_other_tokenizer(src, dst):
+    """The original model of `src` saved with a tokenizer that has one more token."""
+    load_original(src).save_pretrained(dst)
+    tok = tiny_tokenizer()
+    tok.add_tokens(["zzz"])
+    tok.save_pretrained(dst)
+    return dst

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BlockformerError
+from ..io import read_jsonl
 
 
 @dataclass
@@ -39,18 +40,6 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------------ file formats
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise BlockformerError(f"{path}:{i}: malformed JSON ({e.msg})") from e
-    return rows
-
-
 def read_labels(path: Path, n: int) -> list[str]:
     labels = [x.strip() for x in path.read_text().splitlines() if x.strip()]
     if len(labels) != n:

@@ -6,7 +6,6 @@ model sees documents at every alignment to block boundaries. The first rows form
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BlockformerError
+from ..io import read_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 
@@ -59,15 +59,7 @@ def _read_file(path: Path, field: str) -> list[str]:
     if path.suffix in TEXT_SUFFIXES:
         return [normalise(path.read_text(encoding="utf-8", errors="replace"))]
     if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise BlockformerError(f"{path}:{i}: malformed JSON ({e.msg})") from e
-        return [_field(r, field, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+        return [_field(r, field, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         table = pq.read_table(path)

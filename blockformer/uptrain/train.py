@@ -58,6 +58,7 @@ class UptrainConfig:
     precision: str = "auto"         # auto | bf16 | fp32
     eval_every: int = 50
     val_fraction: float = 0.05
+    val_rows: int = 32              # validation rows scored each time (a fixed subset of the held-out slice)
     save_every: int = 100
     keep_last: int = 2
     seed: int = 0
@@ -268,7 +269,7 @@ def micro_loss(cfg, acc, model, teacher, ids, mask, labels):
 def validation_loss(acc, model, data, cfg, device) -> float:
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, data.n_val, cfg.batch_size):
+    for i in range(0, min(data.n_val, cfg.val_rows), cfg.batch_size):
         ids, mask, labels = (t[i:i + cfg.batch_size].to(device) for t in (data.ids, data.mask, data.labels))
         with autocast(cfg, device):
             h = model(ids, attention_mask=mask, return_hidden=True).hidden_states[0]
