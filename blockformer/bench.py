@@ -39,7 +39,7 @@ class BenchConfig:
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
-    model, tok_info = _load(cfg.model, cfg), None
+    model = _load(cfg.model, cfg)
     baseline = _load(cfg.baseline, cfg) if cfg.baseline else None
     if model.config.model_type != "block_transformer":
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder (model_type {model.config.model_type})")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +90,3 @@ def load_model(src: Source, dtype=None):
 def first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
-
-
-def looks_local(spec: str) -> bool:
-    return spec == "default" or os.path.exists(os.path.expanduser(spec))
