@@ -9,7 +9,6 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import tempfile
 import time

@@ -142,8 +142,8 @@ def _is_eos(tok, eos: set[int]):
 class _BlockState:
     """Where the block decoder stands: next cache slot, per-row next position, valid key slots."""
 
-    def __init__(self, valid: torch.Tensor, next_pos: torch.Tensor):
-        self.valid, self.next_pos, self.slot = valid, next_pos, int(valid.shape[1])
+    def __init__(self, valid: torch.Tensor, next_pos: torch.Tensor, slot: int):
+        self.valid, self.next_pos, self.slot = valid, next_pos, slot
 
 
 def _prefill(model, ids, tmask):
@@ -155,8 +155,7 @@ def _prefill(model, ids, tmask):
     valid[:, : real.shape[1]] = real
     cache_at = (torch.arange(real.shape[1], device=ids.device), real.shape[1])
     h = model.block_decoder(model.embedder(blocks, bmask), real, cache_at)  # (B, N, D)
-    state = _BlockState(valid, real.long().sum(1, keepdim=True))
-    state.slot = real.shape[1]
+    state = _BlockState(valid, real.long().sum(1, keepdim=True), real.shape[1])
     return h[:, -1], state
 
 
@@ -186,7 +185,7 @@ def _local_tables(td, T: int, dtype, device):
 
 def _decode_block(model, ctx, local, n_tokens: int, sampling, gen):
     """Decode up to L_B tokens of the next block from the context embedding (B, D)."""
-    td, p = model.token_decoder, model.config.prefix_length
+    td = model.token_decoder
     rope, masks = local
     x = td.prefix(ctx)                                                       # (B, p, D)
     toks, t = [], 0
