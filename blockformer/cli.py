@@ -177,6 +177,25 @@ def bench(model, baseline, quick, scenarios, prompt_len, gen_len, batch_sizes, r
                                       for p in res["points"]]}))
 
 
+@main.command("run")
+@click.argument("recipe", required=False)
+@click.option("--out", default=None, help="Run folder [default: the recipe's `out`].")
+@click.option("--force", is_flag=True, help="Redo every stage, even those whose inputs did not change.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not a blockformer run folder.")
+@friendly
+def run_(recipe, out, force, overwrite):
+    """Run a whole job from RECIPE (a YAML file or a shipped recipe's name; default: smollm2-135m-cpu):
+    convert, uptrain, eval, bench, then write report.md, report.html and results.json.
+
+    Re-running skips stages whose inputs did not change and resumes an interrupted uptraining."""
+    from .pipeline import RunConfig, run
+    try:
+        run(RunConfig(recipe, out, force, overwrite), log=lambda s: click.echo(s, err=True))
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command again to continue where it stopped", err=True)
+        sys.exit(130)
+
+
 def parse_duration(text: str | None) -> float | None:
     """'90s', '5m', '1.5h' or plain seconds -> seconds."""
     if text is None:

@@ -37,6 +37,7 @@ class EvalConfig:
     out: Path | None = None
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
+    device: str = "auto"            # auto: cuda when available
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -50,7 +51,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     data = {t.name: load_docs(t, data_dir, cfg.limit, cfg.seed) for t in tasks}
     models = {"converted": cfg.model} if cfg.baseline is None else {"original": cfg.baseline, "converted": cfg.model}
-    loaded = {role: load_for_eval(spec, cfg.dtype) for role, spec in models.items()}
+    loaded = {role: load_for_eval(spec, cfg.dtype, cfg.device) for role, spec in models.items()}
     if cfg.baseline is not None:
         check_same_tokenizer(loaded["original"][1], loaded["converted"][1], cfg.baseline, cfg.model)
     results = {"config": {**asdict(cfg), "data_dir": str(data_dir)}, "models": {}, "tasks": {}}
@@ -69,9 +70,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
-def load_for_eval(spec: str, dtype: str):
+def load_for_eval(spec: str, dtype: str, device: str = "auto"):
     src = sources.resolve(spec)
-    model = sources.load_model(src, getattr(torch, dtype))
+    model = sources.load_model(src, getattr(torch, dtype)).to(resolve_device(device))
     tok = sources.load_tokenizer(src)
     info = {"spec": spec, "kind": src.kind, "model_type": model.config.model_type,
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": dtype}
@@ -80,6 +81,10 @@ def load_for_eval(spec: str, dtype: str):
         info.update(block_length=c.block_length, block_layers=c.num_block_layers, token_layers=c.num_token_layers,
                     provenance=c.provenance)
     return model, tok, info
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:

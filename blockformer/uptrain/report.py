@@ -11,10 +11,10 @@ def loss_curve(history: list[dict], path: Path) -> None:
     if not history:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["tokens"] for h in history], [h["loss"] for h in history], label="train loss", alpha=0.8)
+    ax.plot([h["tokens"] for h in history], [h["loss"] for h in history], label="train objective (CE, or CE + KD mix)", alpha=0.8)
     val = [h for h in history if "val_loss" in h]
     if val:
-        ax.plot([h["tokens"] for h in val], [h["val_loss"] for h in val], "o-", label="validation loss")
+        ax.plot([h["tokens"] for h in val], [h["val_loss"] for h in val], "o-", label="validation cross-entropy")
     ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="uptraining")
     ax.legend()
     fig.tight_layout()

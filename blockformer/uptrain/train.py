@@ -64,6 +64,7 @@ class UptrainConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
+    max_docs: int | None = None     # documents read at most (streamed datasets stop there)
 
 
 def validate(cfg: UptrainConfig, block_length: int) -> int:
@@ -89,7 +90,7 @@ def uptrain(cfg: UptrainConfig) -> dict:
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder; convert it first")
     cfg.seq_len = validate(cfg, model.config.block_length)
     teacher = load_teacher(cfg, tok) if cfg.teacher else None
-    docs = read_documents(cfg.data, cfg.text_field, cfg.split)
+    docs = read_documents(cfg.data, cfg.text_field, cfg.split, cfg.max_docs)
     data = pack(docs, tok, cfg.seq_len, model.config.block_length, cfg.val_fraction, cfg.seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())  # on CPU, several processes use gloo
     if cfg.overwrite and not cfg.resume and acc.is_main_process:

@@ -1,0 +1,150 @@
+"""Recipes: one YAML file describes a whole job (convert -> uptrain -> eval -> bench -> report).
+
+Every key has a default; a section's keys are the fields of that stage's config dataclass (ConvertConfig,
+UptrainConfig, EvalConfig, BenchConfig) minus the ones the pipeline sets itself, so the recipe can never drift from
+the stage functions. Unknown keys and values of the wrong type are one-line errors naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..bench import QUICK, BenchConfig
+from ..convert import ConvertConfig
+from ..errors import BlockformerError
+from ..eval.harness import EvalConfig
+from ..uptrain import UptrainConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "smollm2-135m-cpu.yaml"
+
+# Keys the pipeline fills in itself (models, output folders, resume flags), so a recipe cannot set them.
+SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", "extra", "data_dir"}
+
+# Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
+RECIPE_DEFAULTS = {
+    "convert": {"dtype": "float32"},
+    "uptrain": {"data": "corpus/gutenberg", "teacher": "source", "max_tokens": 20480, "seq_len": 256,
+                "warmup_steps": 4, "eval_every": 5, "save_every": 5},
+    "eval": {"limit": 50},
+    "bench": {"scenarios": {k: list(v) for k, v in QUICK.items()}, "repeats": 2, "device": "auto"},
+}
+STAGE_CONFIGS = {"convert": ConvertConfig, "uptrain": UptrainConfig, "eval": EvalConfig, "bench": BenchConfig}
+
+
+@dataclass
+class Recipe:
+    source: str = "default"         # the model to convert: folder, hub id, .gguf file, or 'default'
+    out: str = "runs/smollm2-135m-cpu"
+    data_dir: str | None = None     # task files and corpus; None: $BLOCKFORMER_DATA_DIR or ../shared/data
+    convert: dict = field(default_factory=dict)
+    uptrain: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    bench: dict = field(default_factory=dict)
+    path: str | None = None         # the file it was read from (not a key)
+
+    def enabled(self, stage: str) -> bool:
+        return getattr(self, stage).get("enabled", True)
+
+    def options(self, stage: str) -> dict:
+        """The stage's options without the pipeline's own switch."""
+        return {k: v for k, v in getattr(self, stage).items() if k != "enabled"}
+
+
+def section_defaults(stage: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in SET_BY_PIPELINE}
+    out = {} if stage == "convert" else {"enabled": True}  # every later stage needs the conversion
+    for name, f in fields.items():
+        has = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        out[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory() if has else None
+    out.update(RECIPE_DEFAULTS.get(stage, {}))
+    return out
+
+
+def resolve_recipe(spec: str | None) -> Path:
+    """A path, or the bare name of a shipped recipe ('smollm2-135m-cpu'); None is the default recipe."""
+    if spec is None:
+        return DEFAULT_RECIPE
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    shipped = RECIPES / f"{spec.removesuffix('.yaml')}.yaml"
+    if shipped.exists() and "/" not in spec:
+        return shipped
+    names = ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
+    raise BlockformerError(f"recipe {spec} not found (a YAML file, or one of the shipped recipes: {names})")
+
+
+def load_recipe(spec: str | None, overrides: dict | None = None) -> Recipe:
+    import yaml
+    path = resolve_recipe(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise BlockformerError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
+    if not isinstance(raw, dict):
+        raise BlockformerError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    return build(raw, path, overrides or {})
+
+
+def build(raw: dict, path: Path, overrides: dict) -> Recipe:
+    top = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
+    unknown(path, "", raw, top)
+    r = Recipe(path=str(path), **{k: v for k, v in raw.items() if k not in STAGE_CONFIGS})
+    check_type(path, "source", r.source, "str")
+    check_type(path, "out", r.out, "str")
+    check_type(path, "data_dir", r.data_dir, "str | None")
+    for stage in STAGE_CONFIGS:
+        given = raw.get(stage) or {}
+        if not isinstance(given, dict):
+            raise BlockformerError(f"{path}: '{stage}' must be a mapping of options, got {given!r}")
+        defaults = section_defaults(stage)
+        unknown(path, f"{stage}.", given, set(defaults))
+        merged = {**defaults, **given, **overrides.get(stage, {})}
+        for k, v in merged.items():
+            check_type(path, f"{stage}.{k}", v, annotation(stage, k))
+        setattr(r, stage, merged)
+    for k, v in overrides.get("", {}).items():
+        setattr(r, k, v)
+    check_scenarios(r.bench["scenarios"])
+    return r
+
+
+def check_scenarios(table: dict) -> None:
+    for name, pg in table.items():
+        if not (isinstance(pg, (list, tuple)) and len(pg) == 2 and all(isinstance(x, int) and x >= 1 for x in pg)):
+            raise BlockformerError(f"bench.scenarios.{name} must be [prompt_len, gen_len], both >= 1, got {pg!r}")
+    if not table:
+        raise BlockformerError("bench.scenarios is empty; disable the stage with bench.enabled: false instead")
+
+
+def unknown(path: Path, prefix: str, given: dict, known: set) -> None:
+    for k in given:
+        if k not in known:
+            raise BlockformerError(f"{path}: unknown key '{prefix}{k}' (known: {', '.join(sorted(known))})")
+
+
+def annotation(stage: str, key: str) -> str:
+    if key == "enabled":
+        return "bool"
+    if stage == "bench" and key == "scenarios":
+        return "dict"
+    return str(next(f.type for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name == key))
+
+
+TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "Path": (str,),
+         "tuple": (list, tuple), "dict": (dict,)}
+
+
+def check_type(path: Path, key: str, value, ann: str) -> None:
+    """Check a value against a dataclass annotation written as a string ('int | None', 'tuple[str, ...]')."""
+    if value is None and "None" in ann:
+        return
+    parts = [p.strip() for p in ann.split("|")]
+    allowed = tuple(t for name, ts in TYPES.items() if any(p.startswith(name) for p in parts) for t in ts)
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        raise BlockformerError(f"{path}: '{key}' must be {ann}, got {value!r}")

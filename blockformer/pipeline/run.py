@@ -1,0 +1,240 @@
+"""`blockformer run RECIPE`: convert -> uptrain -> eval -> bench -> report, one command, resumable.
+
+    blockformer run recipes/smollm2-135m-cpu.yaml               # the default job, ~25 min on 2 CPU cores
+    blockformer run recipes/smollm2-135m-cpu.yaml --force       # redo every stage
+    blockformer run tests/recipe-tiny.yaml                      # what the tests run (seconds), see tests/test_run.py
+
+Each stage writes its own folder under the recipe's `out` and, once that folder is complete, a marker
+`stages/NAME.json` holding the hash of the stage's inputs (its options, the upstream stages' hashes, sizes and
+times of the files it reads). A re-run skips stages whose marker matches; an interrupted uptraining resumes from its
+last checkpoint; everything downstream of a changed stage is redone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .. import sources
+from ..errors import BlockformerError
+from ..io import atomic_folder
+from .recipe import Recipe, load_recipe
+
+STAGES = ("convert", "uptrain", "eval", "bench", "report")
+
+
+@dataclass
+class RunConfig:
+    recipe: str | None = None       # a YAML path or a shipped recipe's name; None: the default recipe
+    out: str | None = None          # overrides the recipe's `out`
+    force: bool = False             # redo every stage
+    overwrite: bool = False         # allowed to replace a folder that is not a blockformer run
+
+
+def run(cfg: RunConfig, log=print) -> dict:
+    recipe = load_recipe(cfg.recipe)
+    root = Path(cfg.out or recipe.out)
+    prepare_root(root, cfg.overwrite)
+    data_dir = Path(recipe.data_dir).expanduser() if recipe.data_dir else default_data_dir()
+    (root / "recipe.yaml").write_text("# the recipe as run, every default filled in\n"
+                                      + yaml.safe_dump(resolved(recipe), sort_keys=False))
+    job = Job(root, recipe, data_dir, cfg.force, log)
+    t0 = time.perf_counter()
+    results = job.all()
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    from .report import write_report
+    write_report(root, results)
+    log(f"report: {root / 'report.html'} (also report.md, results.json) in {results['seconds']:.0f} s")
+    return results
+
+
+def default_data_dir() -> Path:
+    from ..eval.tasks import default_data_dir as d
+    return d()
+
+
+def prepare_root(root: Path, overwrite: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise BlockformerError(f"{root} exists and is not a folder")
+    if root.exists() and any(root.iterdir()) and not (root / "stages").is_dir():
+        if not overwrite:
+            raise BlockformerError(f"{root} exists and is not a blockformer run folder; pass --overwrite to replace "
+                                   f"it or set another `out`")
+        shutil.rmtree(root)
+    (root / "stages").mkdir(parents=True, exist_ok=True)
+
+
+def resolved(recipe: Recipe) -> dict:
+    return {k: getattr(recipe, k) for k in ("path", "source", "out", "data_dir", "convert", "uptrain", "eval", "bench")}
+
+
+class Job:
+    """The stages of one recipe; every stage returns a JSON-able result that the report reads."""
+
+    def __init__(self, root: Path, recipe: Recipe, data_dir: Path, force: bool, log):
+        self.root, self.recipe, self.data_dir, self.force, self.log = root, recipe, data_dir, force, log
+        self.source_fp = fingerprint(recipe.source)
+        self.timings: dict[str, float] = {}
+
+    def all(self) -> dict:
+        conv = self.convert()
+        up = self.uptrain(conv) if self.recipe.enabled("uptrain") else None
+        models = {"original": (self.recipe.source, self.source_fp), "converted": (conv["dir"], conv["key"])}
+        if up:
+            models["uptrained"] = (up["model_dir"], up["key"])
+        ev = {role: self.eval(role, *spec) for role, spec in models.items()} if self.recipe.enabled("eval") else {}
+        bench = self.bench(conv) if self.recipe.enabled("bench") else None
+        return {"recipe": resolved(self.recipe), "convert": conv, "uptrain": up, "eval": ev, "bench": bench,
+                "stage_seconds": self.timings, "environment": environment()}
+
+    # ------------------------------------------------------------------------------------------- stages
+    def convert(self) -> dict:
+        from ..convert import ConvertConfig, convert
+        opts = self.recipe.options("convert")
+        out = self.root / "converted"
+        key = digest("convert", self.source_fp, opts)
+
+        def work():
+            s = convert(ConvertConfig(self.recipe.source, out, overwrite=True, **opts))
+            return {**s, "dir": str(out)}
+        return self.stage("convert", key, out / "config.json", work)
+
+    def uptrain(self, conv: dict) -> dict:
+        from ..uptrain import UptrainConfig, uptrain
+        from ..uptrain.train import latest_checkpoint
+        opts = self.recipe.options("uptrain")
+        opts["data"] = self.data_path(opts["data"])
+        opts["teacher"] = self.recipe.source if opts["teacher"] == "source" else opts["teacher"]
+        opts["freeze"] = tuple(opts["freeze"])
+        out = self.root / "uptrained"
+        key = digest("uptrain", conv["key"], opts, fingerprint(opts["data"]), fingerprint(opts["teacher"]))
+        pending = self.root / "stages" / "uptrain.pending"
+
+        def work():
+            resume = (pending.exists() and pending.read_text() == key and latest_checkpoint(out) is not None
+                      and not self.force)
+            if resume:
+                self.log(f"uptrain: resuming from {latest_checkpoint(out)}")
+            pending.write_text(key)
+            state = uptrain(UptrainConfig(conv["dir"], out=out, resume=resume, overwrite=not resume, **opts))
+            pending.unlink()
+            summary = json.loads((out / "summary.json").read_text())
+            return {**summary, "history": state["history"], "model_dir": str(out / "model"),
+                    "loss_png": str(out / "loss.png"), "teacher": opts["teacher"], "data": opts["data"]}
+        return self.stage("uptrain", key, out / "model" / "config.json", work)
+
+    def eval(self, role: str, spec: str, upstream) -> dict:
+        from ..eval import EvalConfig, evaluate
+        opts = self.recipe.options("eval")
+        opts["tasks"] = tuple(opts["tasks"])
+        out = self.root / "eval" / role
+        key = digest("eval", upstream, opts, fingerprint(self.data_dir, skip=("corpus",)))
+
+        def work():
+            r = evaluate(EvalConfig(spec, data_dir=self.data_dir, out=out, overwrite=True, **opts))
+            return {"model": spec, "seconds": r["seconds"], "items": {t: len(e["samples"]["converted"])
+                                                                      for t, e in r["tasks"].items()},
+                    "metrics": {t: e["metrics"]["converted"] for t, e in r["tasks"].items()}}
+        return self.stage(f"eval-{role}", key, out / "results.json", work)
+
+    def bench(self, conv: dict) -> dict:
+        from .. import bench as B
+        opts = self.recipe.options("bench")
+        opts["scenarios"] = {k: tuple(v) for k, v in opts["scenarios"].items()}
+        opts["batch_sizes"] = tuple(opts["batch_sizes"]) if opts["batch_sizes"] else None
+        opts["device"] = device(opts["device"])
+        out = self.root / "bench"
+        key = digest("bench", conv["key"], self.source_fp, opts)
+
+        def work():
+            res = B.run_bench(B.BenchConfig(conv["dir"], self.recipe.source, **opts), log=self.log)
+            with atomic_folder(out, overwrite=True) as tmp:
+                B.write(res, tmp)
+            return {**res, "table": B.table(res), "png": str(out / "throughput.png")}
+        return self.stage("bench", key, out / "bench.json", work)
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def stage(self, name: str, key: str, product: Path, work) -> dict:
+        marker = self.root / "stages" / f"{name}.json"
+        if not self.force and marker.exists() and product.exists():
+            saved = json.loads(marker.read_text())
+            if saved["key"] == key:
+                self.log(f"[{name}] up to date (inputs unchanged), skipped")
+                self.timings[name] = 0.0
+                return saved["result"]
+        self.log(f"[{name}] running")
+        marker.unlink(missing_ok=True)  # an interrupted stage must never look finished
+        t0 = time.perf_counter()
+        result = {**work(), "key": key}
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        write_json(marker, {"key": key, "seconds": self.timings[name], "finished": time.strftime("%FT%T%z"),
+                            "result": result})
+        self.log(f"[{name}] done in {self.timings[name]:.0f} s")
+        return result
+
+    def data_path(self, spec: str) -> str:
+        """Relative paths are looked up under the data folder first (the shared corpus), then as given."""
+        p = Path(spec).expanduser()
+        if not p.is_absolute() and not p.exists() and (self.data_dir / p).exists():
+            return str(self.data_dir / p)
+        return spec
+
+
+def device(name: str) -> str:
+    import torch
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def fingerprint(spec, skip: tuple[str, ...] = ()):
+    """Cheap identity of a model or data input: names, sizes and modification times of its files."""
+    if spec is None:
+        return None
+    p = sources.default_gguf() if spec == "default" else Path(spec).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        files = [f for f in sorted(p.rglob("*")) if f.is_file() and f.relative_to(p).parts[0] not in skip]
+        return [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return str(spec)  # a hub id: its name is all we can know offline
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    import platform
+    from importlib.metadata import version
+    import torch
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+           "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for pkg in ("blockformer", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            env[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing optional package is simply not listed
+            pass
+    return env
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
