@@ -41,7 +41,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     recipe = load_recipe(cfg.recipe)
     root = Path(cfg.out or recipe.out)
     prepare_root(root, cfg.overwrite)
-    data_dir = Path(recipe.data_dir).expanduser() if recipe.data_dir else default_data_dir()
+    data_dir = Path(recipe.data_dir).expanduser() if recipe.data_dir else (default_data_dir() or Path("../shared/data"))
     (root / "recipe.yaml").write_text("# the recipe as run, every default filled in\n"
                                       + yaml.safe_dump(resolved(recipe), sort_keys=False))
     job = Job(root, recipe, data_dir, cfg.force, log)
