@@ -77,11 +77,12 @@ def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtyp
               help="Longest scored window [default: the model's context, as lm-eval does].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype the models run in.")
+@click.option("--device", default="auto", show_default=True, help="Device the models run on (auto: cuda if any).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Results folder (results.json, samples.json, results.png) [default: runs/eval-TIME].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @friendly
-def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_length, dtype, out, overwrite):
+def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_length, dtype, device, out, overwrite):
     """Zero-shot evaluation of MODEL (and --baseline on the same items), with lm-eval 0.4's prompts and metrics."""
     import time
     from .eval import EvalConfig, evaluate
@@ -89,7 +90,7 @@ def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_lengt
     out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     r = evaluate(EvalConfig(model, baseline, names, data_dir, limit, seed, batch_tokens, max_length, dtype, out,
-                            overwrite))
+                            overwrite, device=device))
     click.echo(table(r))
     click.echo(f"wrote {out}/results.json, samples.json and results.png")
 
@@ -219,6 +220,7 @@ def parse_duration(text: str | None) -> float | None:
               help="Weight of the MSE between the block decoder output and the teacher's hidden state at the split.")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/datasets.")
 @click.option("--split", default="train", show_default=True, help="Dataset split (Hugging Face datasets).")
+@click.option("--max-docs", type=int, default=None, help="Read at most N documents (streamed datasets stop there).")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per row (rounded up to the block length).")
 @click.option("--batch-size", default=4, show_default=True, help="Rows per micro-batch per process.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
@@ -238,8 +240,8 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace --out.")
 @friendly
-def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len, batch_size,
-            grad_accum, lr, warmup_steps, max_steps, max_tokens, max_time, lora_rank, freeze, precision, eval_every,
+def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, max_docs, seq_len,
+            batch_size, grad_accum, lr, warmup_steps, max_steps, max_tokens, max_time, lora_rank, freeze, precision, eval_every,
             save_every, keep_last, seed, resume, overwrite):
     """Uptrain MODEL (a converted folder) on --data, with cross-entropy or distillation from --teacher."""
     from .uptrain import UptrainConfig, uptrain as run
@@ -247,7 +249,8 @@ def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, tex
                         batch_size, grad_accum, lr, warmup_steps=warmup_steps, max_steps=max_steps,
                         max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,
                         freeze=tuple(f for f in freeze.split(",") if f), precision=precision, eval_every=eval_every,
-                        save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite)
+                        save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite,
+                        max_docs=max_docs)
     s = run(cfg)
     last = s["history"][-1] if s["history"] else {}
     click.echo(f"{s['step']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s; last loss "

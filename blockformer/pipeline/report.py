@@ -38,8 +38,9 @@ def document(r: dict, figs: Path) -> list[tuple]:
     c = r["convert"]
     doc = [("h1", f"blockformer report: {c['source']} as a Block Transformer"),
            ("p", f"Recipe `{r['recipe'].get('path')}`; block length {c['block_length']}, "
-                 f"{len(c['block_layers_from'])}+{len(c['token_layers_from'])} layers; whole run "
-                 f"{r.get('seconds', 0):.0f} s (stages skipped as up to date count 0).")]
+                 f"{len(c['block_layers_from'])}+{len(c['token_layers_from'])} layers; stages took "
+                 f"{sum(r['stage_seconds'].values()):.0f} s in all"
+                 + (f" ({', '.join(r['reused_stages'])} reused from an earlier run)." if r["reused_stages"] else "."))]
     doc += conversion(c)
     if r.get("uptrain"):
         doc += uptraining(r["uptrain"], figs)
@@ -53,7 +54,8 @@ def document(r: dict, figs: Path) -> list[tuple]:
 
 def conversion(c: dict) -> list[tuple]:
     p = c["parameters"]
-    rows = [(k, f"{v / 1e6:.2f}M") for k, v in p.items()] + [("original (total)", f"{c['parameters_original'] / 1e6:.2f}M")]
+    rows = [(k, f"{v / 1e6:.2f}M") for k, v in p.items()]
+    rows.append(("original (total)", f"{c['parameters_original'] / 1e6:.2f}M"))
     return [("h2", "Conversion"), ("table", ("part", "parameters"), rows),
             ("p", "\n".join(summary_lines(c)[1:2] + summary_lines(c)[3:]).replace("  ", " ")),
             ("p", f"Converted in {c.get('convert_seconds', 0):.0f} s.")]
@@ -64,8 +66,8 @@ def uptraining(u: dict, figs: Path) -> list[tuple]:
     val = [h for h in hist if "val_ppl" in h]
     obj = f"distillation from `{u['teacher']}`" if u.get("teacher") else "cross-entropy"
     tok_s = u["tokens"] / u["seconds"] if u.get("seconds") else 0
-    text = (f"{u['steps']} steps, {u['tokens']:,} tokens of `{Path(u['data']).name}` with {obj} in {u['seconds']:.0f} s "
-            f"({tok_s:.0f} tokens/s).")
+    text = (f"{u['steps']} steps, {u['tokens']:,} tokens of `{Path(u['data']).name}` with {obj} in "
+            f"{u['seconds']:.0f} s ({tok_s:.0f} tokens/s).")
     if val:
         text += f" Validation perplexity {val[0]['val_ppl']:.1f} (step {val[0]['step']}) -> {val[-1]['val_ppl']:.1f}."
     from ..uptrain.report import loss_curve
@@ -122,7 +124,8 @@ def throughput(b: dict, figs: Path) -> list[tuple]:
 
 def machine(r: dict) -> list[tuple]:
     env = r["environment"]
-    rows = [(k, str(v)) for k, v in env.items()] + [(f"stage {k} (s)", f"{v:.0f}") for k, v in r["stage_seconds"].items()]
+    rows = [(k, str(v)) for k, v in env.items()]
+    rows += [(f"stage {k} (s)", f"{v:.0f}") for k, v in r["stage_seconds"].items()]
     return [("h2", "Machine and versions"), ("table", ("item", "value"), rows)]
 
 
@@ -138,7 +141,8 @@ def plot_accuracy(rows: list[tuple], roles: list[str], path: Path) -> None:
     plt = _plt()
     acc = [r for r in rows if r[1] in PCT]
     ppl = [r for r in rows if r[1] not in PCT]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(acc), 1), max(len(ppl), 1)]})
+    ratios = [max(len(acc), 1), max(len(ppl), 1)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": ratios})
     w = 0.8 / len(roles)
     for ax, group, title, scale in ((axes[0], acc, "accuracy (%)", 100), (axes[1], ppl, "perplexity (log scale)", 1)):
         for j, role in enumerate(roles):

@@ -80,7 +80,8 @@ class Job:
     def __init__(self, root: Path, recipe: Recipe, data_dir: Path, force: bool, log):
         self.root, self.recipe, self.data_dir, self.force, self.log = root, recipe, data_dir, force, log
         self.source_fp = fingerprint(recipe.source)
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}   # seconds each stage took when it ran (this time or before)
+        self.reused: list[str] = []
 
     def all(self) -> dict:
         conv = self.convert()
@@ -91,7 +92,7 @@ class Job:
         ev = {role: self.eval(role, *spec) for role, spec in models.items()} if self.recipe.enabled("eval") else {}
         bench = self.bench(conv) if self.recipe.enabled("bench") else None
         return {"recipe": resolved(self.recipe), "convert": conv, "uptrain": up, "eval": ev, "bench": bench,
-                "stage_seconds": self.timings, "environment": environment()}
+                "stage_seconds": self.timings, "reused_stages": self.reused, "environment": environment()}
 
     # ------------------------------------------------------------------------------------------- stages
     def convert(self) -> dict:
@@ -166,7 +167,8 @@ class Job:
             saved = json.loads(marker.read_text())
             if saved["key"] == key:
                 self.log(f"[{name}] up to date (inputs unchanged), skipped")
-                self.timings[name] = 0.0
+                self.timings[name] = saved["seconds"]
+                self.reused.append(name)
                 return saved["result"]
         self.log(f"[{name}] running")
         marker.unlink(missing_ok=True)  # an interrupted stage must never look finished
