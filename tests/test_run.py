@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from blockformer.cli import main
 from blockformer.errors import BlockformerError
 from blockformer.pipeline import RunConfig, load_recipe, run
-from blockformer.pipeline.recipe import RECIPES, section_defaults
+from blockformer.pipeline.recipe import RECIPES, build, section_defaults
 from tiny import VOCAB, write_synthetic_tasks
 
 STAGE_MARKERS = ("convert", "uptrain", "eval-original", "eval-converted", "eval-uptrained", "bench")
@@ -157,7 +157,10 @@ def test_shipped_recipes_validate_and_document_every_key():
     for line in (RECIPES / "smollm2-135m-cpu.yaml").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line or line.startswith("    "), f"key without a comment: {line}"
-    assert load_recipe("smollm2-135m-cpu").uptrain["teacher"] == "source"
+    # the default recipe shows the defaults: leaving every key out gives the same job
+    shown, implied = load_recipe("smollm2-135m-cpu"), build({}, Path("no-keys.yaml"), {})
+    for k in ("source", "out", "data_dir", "convert", "uptrain", "eval", "bench"):
+        assert getattr(shown, k) == getattr(implied, k), k
 
 
 @pytest.mark.parametrize("text,msg", [

@@ -22,7 +22,9 @@ def rows(results: dict) -> list[tuple]:
 def fmt(metric: str, v) -> str:
     if v is None:
         return "-"
-    return f"{100 * v:.2f}" if metric in PCT else f"{v:.3f}"
+    if metric in PCT:
+        return f"{100 * v:.2f}"
+    return f"{v:.3e}" if abs(v) >= 1e5 else f"{v:.3f}"  # an untrained model's perplexity can be astronomical
 
 
 def table(results: dict) -> str:

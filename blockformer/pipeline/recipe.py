@@ -25,9 +25,9 @@ SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", 
 # Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
 RECIPE_DEFAULTS = {
     "convert": {"dtype": "float32"},
-    "uptrain": {"data": "corpus/gutenberg", "teacher": "source", "max_tokens": 20480, "seq_len": 256,
-                "warmup_steps": 4, "eval_every": 5, "save_every": 5},
-    "eval": {"limit": 50},
+    "uptrain": {"data": "corpus/gutenberg", "teacher": "source", "max_tokens": 32768, "seq_len": 256,
+                "warmup_steps": 4, "eval_every": 8, "save_every": 8},
+    "eval": {"limit": 50, "tasks": ["piqa", "arc_easy", "hellaswag", "lambada_openai"]},
     "bench": {"scenarios": {k: list(v) for k, v in QUICK.items()}, "repeats": 2, "device": "auto"},
 }
 STAGE_CONFIGS = {"convert": ConvertConfig, "uptrain": UptrainConfig, "eval": EvalConfig, "bench": BenchConfig}
@@ -59,7 +59,7 @@ def section_defaults(stage: str) -> dict:
         has = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         out[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory() if has else None
     out.update(RECIPE_DEFAULTS.get(stage, {}))
-    return out
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # as YAML spells them
 
 
 def resolve_recipe(spec: str | None) -> Path:

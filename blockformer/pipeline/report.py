@@ -26,6 +26,22 @@ def write_report(root: Path, results: dict) -> None:
     _atomic_write(root / "report.html", to_html(doc, results["recipe"]["source"]))
 
 
+def summary(r: dict) -> list[str]:
+    """A few lines for the terminal: accuracy per model, speed-ups."""
+    lines = []
+    if r.get("eval"):
+        roles = [x for x in ROLES if x in r["eval"]]
+        lines.append(f"{'task / metric':<28}" + "".join(f"{x:>12}" for x in roles))
+        for t, m, *vals, _ in accuracy_rows(r["eval"]):
+            lines.append(f"{t + ' ' + m:<28}" + "".join(f"{fmt(m, v):>12}" for v in vals))
+    for p in (r.get("bench") or {}).get("points", []):
+        if "speedup" in p:
+            lines.append(f"{p['scenario']} P={p['prompt']} G={p['generate']} B={p['batch']}: "
+                         f"{p['original']['tokens_per_s']:.1f} -> {p['block']['tokens_per_s']:.1f} tokens/s, "
+                         f"{p['speedup']:.2f}x (cost model {p['predicted']['speedup']:.2f}x)")
+    return lines
+
+
 def slim(results: dict) -> dict:
     """results.json: everything but the bench's pre-rendered table."""
     out = dict(results)
@@ -57,7 +73,7 @@ def conversion(c: dict) -> list[tuple]:
     rows = [(k, f"{v / 1e6:.2f}M") for k, v in p.items()]
     rows.append(("original (total)", f"{c['parameters_original'] / 1e6:.2f}M"))
     return [("h2", "Conversion"), ("table", ("part", "parameters"), rows),
-            ("p", "\n".join(summary_lines(c)[1:2] + summary_lines(c)[3:]).replace("  ", " ")),
+            ("pre", "\n".join(summary_lines(c)[1:2] + summary_lines(c)[3:])),
             ("p", f"Converted in {c.get('convert_seconds', 0):.0f} s.")]
 
 
@@ -185,10 +201,12 @@ def to_markdown(doc: list[tuple], root: Path) -> str:
             out.append(("# " if kind == "h1" else "## ") + rest[0])
         elif kind == "p":
             out.append(rest[0])
+        elif kind == "pre":
+            out.append(f"```text\n{rest[0]}\n```")
         elif kind == "table":
             head, rows = rest
-            out.append("\n".join(["| " + " | ".join(map(str, r)) + " |" for r in [head]]
-                                 + ["|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]))
+            line = lambda r: "| " + " | ".join(map(str, r)) + " |"  # noqa: E731
+            out.append("\n".join([line(head), "|---|" + "---:|" * (len(head) - 1), *map(line, rows)]))
         elif kind == "img":
             out.append(f"![{rest[1]}]({Path(rest[0]).relative_to(root)})")
     return "\n\n".join(out) + "\n"
@@ -197,7 +215,7 @@ def to_markdown(doc: list[tuple], root: Path) -> str:
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px}"
        "td{text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}"
-       "code{background:#f3f3f3;padding:0 3px}")
+       "code{background:#f3f3f3;padding:0 3px}pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
 # Counts the images that decoded, so a headless browser test can tell a rendered report from a broken one.
 CHECK = ("<script>addEventListener('load',()=>{const i=[...document.images];document.body.dataset.images="
          "i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length});</script>")
@@ -209,7 +227,9 @@ def to_html(doc: list[tuple], title: str) -> str:
         if kind in ("h1", "h2"):
             parts.append(f"<{kind}>{_inline(rest[0])}</{kind}>")
         elif kind == "p":
-            parts.append("<p>" + "<br>".join(_inline(x) for x in rest[0].splitlines()) + "</p>")
+            parts.append(f"<p>{_inline(rest[0])}</p>")
+        elif kind == "pre":
+            parts.append(f"<pre>{html.escape(rest[0])}</pre>")
         elif kind == "table":
             head, rows = rest
             th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)

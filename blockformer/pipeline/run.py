@@ -48,8 +48,10 @@ def run(cfg: RunConfig, log=print) -> dict:
     t0 = time.perf_counter()
     results = job.all()
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    from .report import write_report
+    from .report import summary, write_report
     write_report(root, results)
+    for line in summary(results):
+        log(line)
     log(f"report: {root / 'report.html'} (also report.md, results.json) in {results['seconds']:.0f} s")
     return results
 

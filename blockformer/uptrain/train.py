@@ -184,7 +184,10 @@ def loop(cfg, acc, model, teacher, opt, sched, data, state):
     device = acc.device
     if teacher is not None:
         teacher.to(device)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not acc.is_main_process, unit="step")
+    steps_for_tokens = math.ceil(cfg.max_tokens / (gb * cfg.seq_len)) if cfg.max_tokens else None
+    budgets = [b for b in (cfg.max_steps, steps_for_tokens) if b]  # a time budget alone has no step count
+    bar = tqdm(total=min(budgets) if budgets else None, initial=state["step"], disable=not acc.is_main_process,
+               unit="step")
     t_start = time.perf_counter() - state["train_seconds"]
     while progress(cfg, state) < 1.0:
         t0 = time.perf_counter()
