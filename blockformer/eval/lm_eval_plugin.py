@@ -20,7 +20,7 @@ from .scoring import Scorer
 class BlockformerLM(TemplateLM):
     backend = "causal"
 
-    def __init__(self, pretrained: str = "default", dtype: str = "float32", batch_tokens: int = 16384,
+    def __init__(self, pretrained: str = "default", dtype: str = "float32", batch_tokens: int | None = None,
                  max_length: int | None = None, device: str = "cpu", **_):
         super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -28,7 +28,8 @@ class BlockformerLM(TemplateLM):
         src = sources.resolve(pretrained)
         model = sources.load_model(src, getattr(torch, dtype)).to(device)
         self.tokenizer = sources.load_tokenizer(src)
-        self.scorer = Scorer(model, self.tokenizer, int(batch_tokens), max_length=max_length and int(max_length))
+        self.scorer = Scorer(model, self.tokenizer, batch_tokens and int(batch_tokens),
+                             max_length=max_length and int(max_length))
 
     @property
     def eot_token_id(self) -> int:

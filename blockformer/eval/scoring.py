@@ -21,12 +21,16 @@ DEFAULT_MAX_LENGTH = 2048
 
 
 class Scorer:
-    def __init__(self, model, tokenizer, batch_tokens: int = 16384, max_batch: int = 64, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_tokens: int | None = None, max_batch: int = 64,
+                 max_length: int | None = None):
         self.model, self.tok = model.eval(), tokenizer
         self.block = isinstance(model, BlockTransformerForCausalLM)
-        self.batch_tokens, self.max_batch = batch_tokens, max_batch
-        self.max_length = max_length or resolve_max_length(model.config, tokenizer)
         self.device = next(model.parameters()).device
+        # measured on a 2-core CPU: small batches keep activations in cache (piqa 100 items: 18 s at 1024 tokens,
+        # 22 s at 2048, 34 s at 16384); a GPU wants large ones
+        self.batch_tokens = batch_tokens or (16384 if self.device.type == "cuda" else 2048)
+        self.max_batch = max_batch
+        self.max_length = max_length or resolve_max_length(model.config, tokenizer)
 
     # ----------------------------------------------------------------------------------- tokenisation (lm-eval)
     @property
@@ -63,7 +67,9 @@ class Scorer:
         for i in plain:
             out[i], flat = flat[: len(enc[i])], flat[len(enc[i]):]
         longest = lambda i: max(len(x) for _, x in enc[i])  # noqa: E731 - padding follows the longest choice
-        shared = sorted((i for i, e in enumerate(enc) if self._shareable(e)), key=lambda i: (len(enc[i]), -longest(i)))
+        # similar context lengths batch together (contexts are left-padded to the longest), then similar choices
+        shared = sorted((i for i, e in enumerate(enc) if self._shareable(e)),
+                        key=lambda i: (len(enc[i]), len(enc[i][0][0]), longest(i)))
         for batch in self._shared_batches(shared, enc):
             for i, r in zip(batch, self._score_shared([enc[i] for i in batch])):
                 out[i] = r
