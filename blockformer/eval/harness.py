@@ -101,7 +101,6 @@ def score_task(scorer: Scorer, task: Task, docs: list[Doc], role: str):
     with tqdm(total=n_req, desc=f"{role:>9} {task.name}", unit="req", leave=False) as bar:
         if task.kind == "rolling":
             lls = scorer.loglikelihood_rolling([d.requests[0][1] for d in docs], bar)
-            bar.update(len(docs))
             return rolling_metrics(lls, docs), lls, time.perf_counter() - t0
         if task.kind == "loglikelihood":
             flat = scorer.loglikelihood([d.requests[0] for d in docs], bar)

@@ -139,6 +139,9 @@ class Scorer:
                 reqs.append(w)
                 owner.append(i)
         out = [0.0] * len(texts)
+        if progress is not None:
+            progress.total = len(reqs)  # the bar counts windows, known only now
+            progress.refresh()
         for i, (ll, _) in zip(owner, self.loglikelihood_tokens(reqs, progress)):
             out[i] += ll
         return out
