@@ -158,7 +158,7 @@ def test_shipped_recipes_validate_and_document_every_key():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line or line.startswith("    "), f"key without a comment: {line}"
     # the default recipe shows the defaults: leaving every key out gives the same job
-    shown, implied = load_recipe("smollm2-135m-cpu"), build({}, Path("no-keys.yaml"), {})
+    shown, implied = load_recipe("smollm2-135m-cpu"), build({}, Path("no-keys.yaml"))
     for k in ("source", "out", "data_dir", "convert", "uptrain", "eval", "bench"):
         assert getattr(shown, k) == getattr(implied, k), k
 

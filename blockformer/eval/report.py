@@ -12,11 +12,16 @@ def rows(results: dict) -> list[tuple]:
     for task, entry in results["tasks"].items():
         m = entry["metrics"]
         conv, orig = m.get("converted", {}), m.get("original", {})
-        for name in [k for k in conv if not k.endswith("_stderr") and k not in ("seconds", "items_per_s")]:
+        for name in metric_names(conv):
             o, c = orig.get(name), conv[name]
             se = conv.get(f"{name}_stderr")
             out.append((task, name, o, c, None if o is None else c - o, se))
     return out
+
+
+def metric_names(metrics: dict) -> list[str]:
+    """The reported metrics of one model on one task (not their stderr, not the timing)."""
+    return [k for k in metrics if not k.endswith("_stderr") and k not in ("seconds", "items_per_s")]
 
 
 def fmt(metric: str, v) -> str:

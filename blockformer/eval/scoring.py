@@ -62,13 +62,14 @@ class Scorer:
         """Per item, the scores of its (context, choice) pairs; a shared context runs once, its KV cache reused."""
         enc = [[self.encode_pair(c, x) for c, x in pairs] for pairs in items]
         out: list = [None] * len(items)
-        plain = [i for i, e in enumerate(enc) if not self._shareable(e)]
+        share = [self._shareable(e) for e in enc]
+        plain = [i for i, s in enumerate(share) if not s]
         flat = self.loglikelihood_tokens([r for i in plain for r in enc[i]], progress)
         for i in plain:
             out[i], flat = flat[: len(enc[i])], flat[len(enc[i]):]
         longest = lambda i: max(len(x) for _, x in enc[i])  # noqa: E731 - padding follows the longest choice
         # similar context lengths batch together (contexts are left-padded to the longest), then similar choices
-        shared = sorted((i for i, e in enumerate(enc) if self._shareable(e)),
+        shared = sorted((i for i, s in enumerate(share) if s),
                         key=lambda i: (len(enc[i]), len(enc[i][0][0]), longest(i)))
         for batch in self._shared_batches(shared, enc):
             for i, r in zip(batch, self._score_shared([enc[i] for i in batch])):

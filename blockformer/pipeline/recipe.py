@@ -76,7 +76,7 @@ def resolve_recipe(spec: str | None) -> Path:
     raise BlockformerError(f"recipe {spec} not found (a YAML file, or one of the shipped recipes: {names})")
 
 
-def load_recipe(spec: str | None, overrides: dict | None = None) -> Recipe:
+def load_recipe(spec: str | None) -> Recipe:
     import yaml
     path = resolve_recipe(spec)
     try:
@@ -87,10 +87,10 @@ def load_recipe(spec: str | None, overrides: dict | None = None) -> Recipe:
         raise BlockformerError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
     if not isinstance(raw, dict):
         raise BlockformerError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
-    return build(raw, path, overrides or {})
+    return build(raw, path)
 
 
-def build(raw: dict, path: Path, overrides: dict) -> Recipe:
+def build(raw: dict, path: Path) -> Recipe:
     top = {f.name for f in dataclasses.fields(Recipe)} - {"path"}
     unknown(path, "", raw, top)
     r = Recipe(path=str(path), **{k: v for k, v in raw.items() if k not in STAGE_CONFIGS})
@@ -103,12 +103,10 @@ def build(raw: dict, path: Path, overrides: dict) -> Recipe:
             raise BlockformerError(f"{path}: '{stage}' must be a mapping of options, got {given!r}")
         defaults = section_defaults(stage)
         unknown(path, f"{stage}.", given, set(defaults))
-        merged = {**defaults, **given, **overrides.get(stage, {})}
+        merged = {**defaults, **given}
         for k, v in merged.items():
             check_type(path, f"{stage}.{k}", v, annotation(stage, k))
         setattr(r, stage, merged)
-    for k, v in overrides.get("", {}).items():
-        setattr(r, k, v)
     check_scenarios(r.bench["scenarios"])
     return r
 

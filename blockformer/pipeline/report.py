@@ -8,11 +8,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
 from ..convert.card import summary_lines
-from ..eval.report import PCT, fmt
+from ..eval.report import PCT, fmt, metric_names
+from ..io import atomic_write_text
 
 ROLES = ("original", "converted", "uptrained")
 
@@ -21,9 +21,9 @@ def write_report(root: Path, results: dict) -> None:
     figs = root / "figures"
     figs.mkdir(exist_ok=True)
     doc = document(results, figs)
-    _atomic_write(root / "results.json", json.dumps(slim(results), indent=2, default=str) + "\n")
-    _atomic_write(root / "report.md", to_markdown(doc, root))
-    _atomic_write(root / "report.html", to_html(doc, results["recipe"]["source"]))
+    atomic_write_text(root / "results.json", json.dumps(slim(results), indent=2, default=str) + "\n")
+    atomic_write_text(root / "report.md", to_markdown(doc, root))
+    atomic_write_text(root / "report.html", to_html(doc, results["recipe"]["source"]))
 
 
 def summary(r: dict) -> list[str]:
@@ -96,9 +96,7 @@ def accuracy_rows(ev: dict) -> list[tuple]:
     tasks = list(dict.fromkeys(t for r in roles for t in ev[r]["metrics"]))
     rows = []
     for t in tasks:
-        names = [k for k in ev[roles[0]]["metrics"].get(t, {}) if not k.endswith("_stderr")
-                 and k not in ("seconds", "items_per_s")]
-        for m in names:
+        for m in metric_names(ev[roles[0]]["metrics"].get(t, {})):
             vals = [ev[r]["metrics"].get(t, {}).get(m) for r in roles]
             se = ev[roles[-1]]["metrics"].get(t, {}).get(f"{m}_stderr")
             rows.append((t, m, *vals, se))
@@ -247,9 +245,3 @@ def _inline(text: str) -> str:
     """`code` spans; everything else escaped."""
     bits = html.escape(text).split("`")
     return "".join(f"<code>{b}</code>" if i % 2 else b for i, b in enumerate(bits))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -23,7 +23,9 @@ import yaml
 
 from .. import sources
 from ..errors import BlockformerError
-from ..io import atomic_folder
+from ..eval.harness import resolve_device
+from ..eval.tasks import default_data_dir
+from ..io import atomic_folder, atomic_write_text
 from .recipe import Recipe, load_recipe
 
 STAGES = ("convert", "uptrain", "eval", "bench", "report")
@@ -56,11 +58,6 @@ def run(cfg: RunConfig, log=print) -> dict:
     return results
 
 
-def default_data_dir() -> Path:
-    from ..eval.tasks import default_data_dir as d
-    return d()
-
-
 def prepare_root(root: Path, overwrite: bool) -> None:
     if root.exists() and not root.is_dir():
         raise BlockformerError(f"{root} exists and is not a folder")
@@ -70,6 +67,8 @@ def prepare_root(root: Path, overwrite: bool) -> None:
                                    f"it or set another `out`")
         shutil.rmtree(root)
     (root / "stages").mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "report.html", "results.json"):  # a stale report must not outlive an unfinished run
+        (root / name).unlink(missing_ok=True)
 
 
 def resolved(recipe: Recipe) -> dict:
@@ -151,7 +150,7 @@ class Job:
         opts = self.recipe.options("bench")
         opts["scenarios"] = {k: tuple(v) for k, v in opts["scenarios"].items()}
         opts["batch_sizes"] = tuple(opts["batch_sizes"]) if opts["batch_sizes"] else None
-        opts["device"] = device(opts["device"])
+        opts["device"] = resolve_device(opts["device"])
         out = self.root / "bench"
         key = digest("bench", conv["key"], self.source_fp, opts)
 
@@ -177,8 +176,8 @@ class Job:
         t0 = time.perf_counter()
         result = {**work(), "key": key}
         self.timings[name] = round(time.perf_counter() - t0, 1)
-        write_json(marker, {"key": key, "seconds": self.timings[name], "finished": time.strftime("%FT%T%z"),
-                            "result": result})
+        record = {"key": key, "seconds": self.timings[name], "finished": time.strftime("%FT%T%z"), "result": result}
+        atomic_write_text(marker, json.dumps(record, indent=2, default=str) + "\n")
         self.log(f"[{name}] done in {self.timings[name]:.0f} s")
         return result
 
@@ -188,11 +187,6 @@ class Job:
         if not p.is_absolute() and not p.exists() and (self.data_dir / p).exists():
             return str(self.data_dir / p)
         return spec
-
-
-def device(name: str) -> str:
-    import torch
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def fingerprint(spec, skip: tuple[str, ...] = ()):
@@ -211,12 +205,6 @@ def fingerprint(spec, skip: tuple[str, ...] = ()):
 
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def environment() -> dict:
