@@ -78,9 +78,9 @@ def main(model, tasks, limit, data_dir, batch_size, max_length, json_out):
         preds = lm_eval_predictions(their_samples, task.kind)
         same = None
         if task.kind == "mc":
-            same = sum(a == b for a, b in zip(samples, preds)) / len(docs)
+            same = sum(a["pred"]["acc"] == b for a, b in zip(samples, preds)) / len(docs)
         elif task.kind == "loglikelihood":
-            same = max(abs(a - b) for a, b in zip(samples, preds))
+            same = max(abs(a["loglikelihood"] - b) for a, b in zip(samples, preds))
         entry = {"items": len(docs), "ours_s": secs, "lm_eval_s": their_secs, "speedup": their_secs / secs,
                  "agreement": same, "metrics": {}}
         for metric in task.metrics:

@@ -23,6 +23,7 @@ from .errors import BlockformerError
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
 QUICK = {"prefill-heavy": (1024, 32), "decode-heavy": (128, 256)}
 DEFAULT_BATCH = {"prefill-heavy": 8, "decode-heavy": 16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -37,14 +38,30 @@ class BenchConfig:
     seed: int = 0
     out: Path | None = None
 
+    def check(self) -> None:
+        """Value checks, no I/O: run by `run_bench` and by recipes (so the CLI and YAML share them)."""
+        if not self.scenarios:
+            raise BlockformerError("scenarios is empty; give at least one [prompt_len, gen_len]")
+        for name, pg in self.scenarios.items():
+            if not (isinstance(pg, (list, tuple)) and len(pg) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pg)):
+                raise BlockformerError(f"scenarios.{name} must be [prompt_len, gen_len], both >= 1, got {pg!r}")
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
+            raise BlockformerError(f"batch_sizes must be at least 1 each, got {list(self.batch_sizes)}")
+        if self.repeats < 1:
+            raise BlockformerError(f"repeats must be at least 1, got {self.repeats}")
+        if self.dtype not in DTYPES:
+            raise BlockformerError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
+
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
+    cfg.check()
     model = _load(cfg.model, cfg)
     baseline = _load(cfg.baseline, cfg) if cfg.baseline else None
     if model.config.model_type != "block_transformer":
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder (model_type {model.config.model_type})")
-    peak, bw = costs.machine_rates(getattr(torch, cfg.dtype))
-    res = {"config": {**asdict(cfg), "out": str(cfg.out)}, "machine": machine(peak, bw), "points": []}
+    peak, bw = costs.machine_rates(getattr(torch, cfg.dtype), cfg.device)  # the roofline of the device used
+    res = {"config": {**asdict(cfg), "out": str(cfg.out)}, "machine": machine(peak, bw, cfg.device), "points": []}
     for name, (P, G) in cfg.scenarios.items():
         for B in cfg.batch_sizes or (DEFAULT_BATCH.get(name, 8),):
             point = {"scenario": name, "prompt": P, "generate": G, "batch": B}
@@ -111,8 +128,7 @@ def _timed(fn, device: str) -> float:
 
 
 def sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    costs.synchronize(device)
 
 
 def reset_peak_memory(device: str) -> None:
@@ -146,11 +162,13 @@ def original_kv_bytes(model, tokens: int) -> int:
     return 2 * layers * kv * hd * next(model.parameters()).element_size() * tokens
 
 
-def machine(peak: float, bw: float) -> dict:
+def machine(peak: float, bw: float, device: str = "cpu") -> dict:
+    """Where the bench ran; the rates are those of `device`."""
     import platform
+    on_cuda = torch.device(device).type == "cuda"
     return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "matmul_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "torch": torch.__version__, "device": str(device), "matmul_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
+            "cuda": torch.cuda.get_device_name(torch.device(device)) if on_cuda else None}
 
 
 def point_line(p: dict) -> str:

@@ -69,7 +69,7 @@ def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtyp
               help="Comma-separated tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, sciq, "
                    "lambada_openai, wikitext.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with the tasks' files [default: $BLOCKFORMER_DATA_DIR or ../shared/data].")
+              help="Folder with the tasks' files [default: $BLOCKFORMER_DATA_DIR]; then the bundled copy, then the hub.")
 @click.option("--limit", type=int, default=None, help="Evaluate a fixed-seed subset of N items per task.")
 @click.option("--seed", default=1234, show_default=True, help="Seed of the --limit subset.")
 @click.option("--batch-tokens", type=int, default=None,
@@ -79,11 +79,17 @@ def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtyp
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype the models run in.")
 @click.option("--device", default="auto", show_default=True, help="Device the models run on (auto: cuda if any).")
+@click.option("--anchor", type=click.Choice(["context", "first"]), default="context", show_default=True,
+              help="Block models: the token that closes a block, the last context token (a continuation starts a "
+                   "block, as in generation) or the first token (the paper's evaluation, L_B - 1 left pads).")
+@click.option("--role", default="model", show_default=True, help="Label of MODEL in the results (the baseline's "
+              "is 'baseline').")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Results folder (results.json, samples.json, results.png) [default: runs/eval-TIME].")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @friendly
-def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_length, dtype, device, out, overwrite):
+def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_length, dtype, device, anchor, role, out,
+          overwrite):
     """Zero-shot evaluation of MODEL (and --baseline on the same items), with lm-eval 0.4's prompts and metrics."""
     import time
     from .eval import EvalConfig, evaluate
@@ -91,7 +97,7 @@ def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_lengt
     out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     r = evaluate(EvalConfig(model, baseline, names, data_dir, limit, seed, batch_tokens, max_length, dtype, out,
-                            overwrite, device=device))
+                            overwrite, device=device, anchor=anchor, role=role))
     click.echo(table(r))
     click.echo(f"wrote {out}/results.json, samples.json and results.png")
 
@@ -125,6 +131,7 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+    # generate() puts the prompt first (HF's convention) and skip_prompt drops it: the prompt is echoed as typed
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     click.echo(prompt if not chat else "", nl=False)
     t0 = time.perf_counter()
@@ -203,11 +210,16 @@ def parse_duration(text: str | None) -> float | None:
     if text is None:
         return None
     from .errors import BlockformerError
+    import math
     units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise BlockformerError(f"--max-time must look like 90s, 5m or 1h, got {text}")
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):  # '' or 'inf' or '-5m' would never stop or stop at once
+        raise BlockformerError(f"max_time (--max-time) must be a positive duration like 90s, 5m or 1.5h, got {text!r}")
+    return seconds
 
 
 @main.command()
@@ -249,7 +261,7 @@ def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, tex
     cfg = UptrainConfig(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len,
                         batch_size, grad_accum, lr, warmup_steps=warmup_steps, max_steps=max_steps,
                         max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,
-                        freeze=tuple(f for f in freeze.split(",") if f), precision=precision, eval_every=eval_every,
+                        freeze=tuple(f.strip() for f in freeze.split(",") if f.strip()), precision=precision, eval_every=eval_every,
                         save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite,
                         max_docs=max_docs)
     s = run(cfg)

@@ -1,9 +1,9 @@
 """Cost model: FLOPs and memory bytes of generation, for the original and the Block Transformer.
 
 Per phase, time = max(FLOPs / peak FLOP/s, bytes / bandwidth) (a roofline), with both rates measured on the
-machine at hand. Bytes count parameters read (once per decoding step, shared by the batch) and KV cache read and
-written; FLOPs count the matrix products (2 per multiply-add) and attention. The prediction ignores framework
-overhead, which is exactly what the measurement adds.
+device the bench runs on (GPU or CPU). Bytes count parameters read (once per decoding step, shared by the batch)
+and KV cache read and written; FLOPs count the matrix products (2 per multiply-add) and attention. The prediction
+ignores framework overhead, which is exactly what the measurement adds.
 """
 from __future__ import annotations
 
@@ -59,20 +59,35 @@ def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float,
     return {"original_s": vanilla, "block_s": block, "speedup": vanilla / block}
 
 
-def machine_rates(dtype=torch.float32, seconds: float = 1.0) -> tuple[float, float]:
-    """Measured matmul FLOP/s and memory bandwidth (bytes/s) of this machine, for the roofline."""
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 4096, dtype=dtype)
-    flops = _rate(lambda: a @ b, 2 * 1024 * 1024 * 4096, seconds)
-    big = torch.empty(64 * 2**20 // a.element_size(), dtype=dtype)
-    dst = torch.empty_like(big)
-    bw = _rate(lambda: dst.copy_(big), 2 * big.numel() * big.element_size(), seconds)
+def machine_rates(dtype=torch.float32, device="cpu", seconds: float = 1.0) -> tuple[float, float]:
+    """Measured matmul FLOP/s and memory bandwidth (bytes/s) of `device`, the one the bench runs on.
+
+    Accelerators get larger operands, so that kernels are not launch-bound and copies do not fit in the cache.
+    """
+    n, mib = (1024, 64) if torch.device(device).type == "cpu" else (4096, 256)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, 4 * n, dtype=dtype, device=device)
+    flops = _rate(lambda: a @ b, 2 * n * n * 4 * n, seconds, device)
+    big = torch.empty(mib * 2**20 // a.element_size(), dtype=dtype, device=device)
+    dst = torch.empty(big.numel(), dtype=dtype, device=device)
+    bw = _rate(lambda: dst.copy_(big), 2 * big.numel() * big.element_size(), seconds, device)
     return flops, bw
 
 
-def _rate(fn, work: float, seconds: float) -> float:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (kernels run asynchronously on GPUs), so a clock read means it is done."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+def _rate(fn, work: float, seconds: float, device="cpu") -> float:
     fn()
+    synchronize(device)
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < seconds:  # kernels queue up on a GPU; the final sync waits for all of them
         fn()
         n += 1
+    synchronize(device)
     return work * n / (time.perf_counter() - t0)

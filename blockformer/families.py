@@ -36,7 +36,26 @@ def _rope(cfg) -> dict:
     return rope
 
 
+def _check_no_sliding_window(cfg) -> None:
+    """Refuse sliding-window attention that would bite: the converted model attends to the whole context.
+
+    Mistral slides in every layer when `sliding_window` is set; Qwen2 only with `use_sliding_window`, and then only
+    in the layers transformers marks "sliding_attention" (from `max_window_layers` on). A window at least as long
+    as the model's positions never masks anything, so it converts exactly.
+    """
+    window, n_pos = getattr(cfg, "sliding_window", None), getattr(cfg, "max_position_embeddings", None)
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if window is None or not sliding or (n_pos is not None and window >= n_pos):
+        return
+    option = "use_sliding_window and " if hasattr(cfg, "use_sliding_window") else ""
+    raise BlockformerError(f"sliding-window attention ({option}sliding_window={window}, shorter than "
+                           f"max_position_embeddings={n_pos}, in layers {sliding[0]}-{sliding[-1]}) is not supported "
+                           f"yet: the converted model would attend to the whole context")
+
+
 def _llama_arch(cfg) -> dict:
+    _check_no_sliding_window(cfg)
     bias = getattr(cfg, "attention_bias", False)
     qwen = cfg.model_type == "qwen2"  # Qwen2 has bias on q, k, v but not on o
     return dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,

@@ -84,7 +84,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     """Hugging Face-style `generate`: returns `input_ids` followed by the new tokens (B, T + max_new_tokens).
 
     `eos_token_id`: an id or a list of ids ending a sequence (default: the config's); None never stops early.
-    Finished rows are filled with `pad_token_id`.
+    Finished rows are filled with `pad_token_id`. A `streamer` (e.g. transformers' TextStreamer) gets the prompt
+    first, then each new token (B, 1), then `end()`, as HF `generate` calls it.
     """
     cfg, L, p = model.config, model.config.block_length, model.config.prefix_length
     if max_new_tokens < 1:
@@ -103,6 +104,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     block_caches = _Caches(bd, B, n_prompt_blocks + n_new_blocks, cfg, dtype, dev)
     token_caches = _Caches(td, B, p + L - 1, cfg, dtype, dev)
     try:
+        if streamer is not None:  # HF's convention: the first put() is the prompt (TextStreamer's skip_prompt drops it)
+            streamer.put(input_ids.cpu())
         ctx, state = _prefill(model, ids, tmask)
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -23,9 +23,11 @@ class Source:
     path: str
     gguf_file: str | None = None
     kind: str = "folder"  # folder | hub | gguf
+    local_only: bool = False  # a hub id read from the local cache because the hub is out of reach
 
     def kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return {**kw, "local_files_only": True} if self.local_only else kw
 
 
 def default_gguf() -> Path:
@@ -53,8 +55,22 @@ def resolve(spec: str) -> Source:
     if p.exists():
         raise BlockformerError(f"{spec} is neither a model folder nor a .gguf file")
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf"):
-        return Source(spec, spec, None, "hub")
+        return hub_source(spec)
     raise BlockformerError(f"{spec} not found (expected a model folder, a .gguf file, a hub id or 'default')")
+
+
+def hub_source(spec: str) -> Source:
+    """A hub id, used online or from the local cache; when it is in neither, fail now rather than after a minute
+    of download retries."""
+    from .datafiles import hub_unreachable
+    reason = hub_unreachable()
+    if reason is None:
+        return Source(spec, spec, None, "hub")
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return Source(spec, spec, None, "hub", local_only=True)
+    raise BlockformerError(f"{spec} not found: not a local folder or .gguf file, not in the Hugging Face cache "
+                           f"({constants.HF_HUB_CACHE}), and the hub is out of reach ({reason})")
 
 
 def load_config(src: Source):

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from blockformer import costs
 from blockformer.cli import main
-from tiny import convert_tiny
+from tiny import convert_tiny, load_block
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,20 @@ def pair(tiny_dirs, tmp_path_factory):
 def test_bench_cli_writes_table_json_and_plot(pair, tmp_path):
     block, orig = pair
     r = CliRunner().invoke(main, ["bench", str(block), "--baseline", str(orig), "--prompt-len", "12", "--gen-len", "6",
-                                  "--batch-sizes", "1,2", "--repeats", "2", "--out", str(tmp_path / "b")])
+                                  "--batch-sizes", "1,2", "--repeats", "2", "--device", "cpu",
+                                  "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
     last = json.loads(r.output.strip().splitlines()[-1])
     assert [p["batch"] for p in last["points"]] == [1, 2] and all(p["speedup"] > 0 for p in last["points"])
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
     p = res["points"][0]
-    assert p["block"]["kv_cache_bytes"] < p["original"]["kv_cache_bytes"] or p["prompt"] + p["generate"] < 64
+    # KV bytes at batch 1 after 12 + 6 tokens: the original caches 18 positions in each of its 4 layers; the block
+    # model ceil(18 / 4) = 5 block positions in its 2 lower layers and a prefix + block window (2 + 4) in its 2 upper
+    c, per_pos = load_block(block).config, 2 * 2 * 8 * 4   # K and V, 2 KV heads of dim 8, float32
+    assert (c.num_block_layers, c.num_token_layers, c.block_length, c.prefix_length) == (2, 2, 4, 2)
+    assert p["batch"] == 1 and p["original"]["kv_cache_bytes"] == per_pos * 4 * 18
+    assert p["block"]["kv_cache_bytes"] == per_pos * (2 * 5 + 2 * (2 + 4))
+    assert res["machine"]["device"] == "cpu"
     assert p["predicted"]["speedup"] > 0 and p["block"]["ttft_s"] > 0
     assert (tmp_path / "b" / "throughput.png").stat().st_size > 1000
 
@@ -40,10 +47,17 @@ def test_bench_bad_input(pair, args, msg):
     assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output
 
 
-def test_generate_cli_streams_text(pair):
-    r = CliRunner().invoke(main, ["generate", str(pair[0]), "w5 w6 w7", "--max-new-tokens", "5"])
+def test_generate_cli_prints_prompt_then_every_generated_token(pair):
+    """Greedy: stdout is exactly the prompt followed by the decoded new tokens (none dropped)."""
+    from tiny import load_block, tiny_tokenizer
+    prompt, tok = "w5 w6 w7", tiny_tokenizer()
+    r = CliRunner().invoke(main, ["generate", str(pair[0]), prompt, "--max-new-tokens", "9"])
     assert r.exit_code == 0, r.output
-    assert "w5 w6 w7" in r.output and "5 tokens in" in r.output
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = load_block(pair[0]).generate(ids, max_new_tokens=9)
+    new = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert new.strip() and r.stdout == prompt + new + "\n"
+    assert f"[{out.shape[1] - ids.shape[1]} tokens in" in r.stderr
 
 
 def test_generate_cli_rejects_empty_prompt(pair):
@@ -57,3 +71,33 @@ def test_cost_model_prefers_the_block_model_at_long_prompts(pair):
     short = costs.predict(cfg, 16, 16, 1, 4, 1e11, 2e10)["speedup"]
     long = costs.predict(cfg, 2048, 128, 8, 4, 1e11, 2e10)["speedup"]
     assert long > short and long > 1
+
+
+def test_rates_are_measured_on_the_bench_device(pair, monkeypatch, tmp_path):
+    """The roofline's matmul rate and bandwidth come from the device the models run on, not from the CPU."""
+    from blockformer.bench import BenchConfig, run_bench
+    seen = []
+
+    def fake_rates(dtype, device="<not passed>", seconds=1.0):
+        seen.append((dtype, str(device)))
+        return 1e12, 1e11
+    monkeypatch.setattr(costs, "machine_rates", fake_rates)
+    monkeypatch.setattr(costs.torch.cuda, "is_available", lambda: True)  # a CUDA machine benching on "cpu"
+    monkeypatch.setattr(costs.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    res = run_bench(BenchConfig(str(pair[0]), None, {"t": (8, 4)}, (1,), 1, "float32", "cpu"), log=lambda s: None)
+    assert seen == [(costs.torch.float32, "cpu")]
+    assert res["machine"]["matmul_gflops"] == 1000 and res["machine"]["device"] == "cpu"
+    assert res["machine"]["cuda"] is None   # the bench ran on the CPU, so no GPU name is reported
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_machine_rates_run_on_the_given_device(device, monkeypatch):
+    """Every tensor of the measurement lives on the device asked for, and the clock waits for it."""
+    made, synced = [], []
+    real_randn, real_empty = costs.torch.randn, costs.torch.empty
+    monkeypatch.setattr(costs.torch, "randn", lambda *a, **k: made.append(k.get("device")) or real_randn(*a, **k))
+    monkeypatch.setattr(costs.torch, "empty", lambda *a, **k: made.append(k.get("device")) or real_empty(*a, **k))
+    monkeypatch.setattr(costs, "synchronize", lambda d: synced.append(str(d)))
+    flops, bw = costs.machine_rates(costs.torch.float32, device, seconds=0.01)
+    assert made and all(str(d) == device for d in made) and flops > 0 and bw > 0
+    assert synced and set(synced) == {device}

@@ -1,15 +1,23 @@
 """Conversion: every copied tensor equals its source, the paper's init, layer maps, files, atomic writes."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
 
+from blockformer import cli, sources
+from blockformer import io as bf_io
 from blockformer.convert import ConvertConfig, convert, plan_layers
 from blockformer.errors import BlockformerError
-from tiny import load_original
+from tiny import convert_tiny, load_original, tiny_config
 
 # our per-layer name -> the original's per-layer name, for tensors copied as they are
 PLAIN = {
@@ -115,3 +123,147 @@ def test_failed_write_leaves_nothing_and_keeps_old_output(tiny_dirs, tmp_path, m
         convert(ConvertConfig(str(tiny_dirs["llama"]), out, overwrite=True))
     assert (out / "keep.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# ------------------------------------------------------------------ leftovers of killed runs, unwritable outputs
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped): what a run killed with -9 leaves in folder names."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_next_run_removes_temp_folders_of_dead_runs_only(tiny_dirs, tmp_path):
+    out, dead = tmp_path / "b", dead_pid()
+    out.mkdir()  # a dead run's `.old` with OUT in place: the swap was complete, it is garbage
+    for name in (f".b.tmp-{dead}", f".b.old-{dead}", f".b.probe-{dead}", f".b.tmp-{2**22 + 1}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 1000)
+    live = subprocess.Popen(["sleep", "60"])  # another run still writing: its folder must survive
+    try:
+        (tmp_path / f".b.tmp-{live.pid}").mkdir()
+        (tmp_path / ".b.tmp-x").mkdir()  # not a PID: not ours to judge
+        convert(ConvertConfig(str(tiny_dirs["llama"]), out, overwrite=True))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".b.tmp-{live.pid}", ".b.tmp-x", "b"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_run_killed_but_not_yet_reaped_counts_as_dead(tmp_path):
+    """kill -9 under an init that never reaps leaves a zombie: os.kill(pid, 0) still succeeds for it."""
+    victim = subprocess.Popen(["sleep", "60"])
+    victim.kill()
+    while open(f"/proc/{victim.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        pass  # not reaped (no wait()) until the end of the test
+    try:
+        (tmp_path / f".b.tmp-{victim.pid}").mkdir()
+        bf_io.remove_stale_temps(tmp_path / "b")
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        victim.wait()
+
+def test_folder_of_a_run_killed_mid_swap_is_restored_not_deleted(tiny_dirs, tmp_path):
+    """Killed between `OUT -> .OUT.old-PID` and `.OUT.tmp-PID -> OUT`: the user's previous output comes back."""
+    dead = dead_pid()
+    (tmp_path / f".b.old-{dead}").mkdir()
+    (tmp_path / f".b.old-{dead}" / "keep.txt").write_text("user data")
+    (tmp_path / f".b.tmp-{dead}").mkdir()
+    with pytest.raises(BlockformerError, match="already exists"):  # restored, so not replaced without --overwrite
+        convert(ConvertConfig(str(tiny_dirs["llama"]), tmp_path / "b"))
+    assert (tmp_path / "b" / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC, errno.EACCES])
+def test_unwritable_output_fails_in_one_line_before_loading_the_model(tiny_dirs, tmp_path, monkeypatch, err):
+    def probe(*a, **k):
+        raise OSError(err, os.strerror(err))
+
+    def load_model(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+    monkeypatch.setattr(bf_io, "_probe", probe)
+    monkeypatch.setattr(sources, "load_model", load_model)
+    out = tmp_path / "sub" / "b"
+    with pytest.raises(BlockformerError) as e:
+        convert(ConvertConfig(str(tiny_dirs["llama"]), out))
+    msg = str(e.value)
+    assert str(out) in msg and os.strerror(err) in msg and "\n" not in msg
+    result = CliRunner().invoke(cli.main, ["convert", str(tiny_dirs["llama"]), str(out)])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"error: {msg}"]
+
+
+def test_ensure_writable_probes_and_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "b"
+    bf_io.ensure_writable(out)  # creates the parent, probes it, removes the probe
+    assert list((tmp_path / "new").iterdir()) == [] and not out.exists()
+
+
+RUST_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors: no errno
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), Exception(RUST_FULL)])
+def test_disk_full_mid_write_is_one_line_and_leaves_nothing(tiny_dirs, tmp_path, monkeypatch, exc):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    import transformers
+
+    def full(*a, **k):
+        raise exc
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full)
+    with pytest.raises(BlockformerError) as e:
+        convert(ConvertConfig(str(tiny_dirs["llama"]), out, overwrite=True))
+    assert str(out) in str(e.value) and "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert (out / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# -------------------------------------------------------------------- layouts the source model cannot hold
+def save_tiny(family: str, path, **overrides):
+    """A tiny original of `family` with config fields overridden, saved to `path`."""
+    from tiny import tiny_tokenizer
+    d = {k: v for k, v in tiny_config(family).to_dict().items() if k != "layer_types"}  # derived: recomputed
+    cfg = type(tiny_config(family)).from_dict({**d, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # away from init, so that masking differences show
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_block_window_longer_than_the_models_positions_is_refused(tiny_dirs, tmp_path, family):
+    """The token decoder's window is prefix + L_B - 1 positions: it must fit the 256 positions of the model."""
+    with pytest.raises(BlockformerError, match="--block-length 300 .*256"):
+        convert(ConvertConfig(str(tiny_dirs[family]), tmp_path / "b", block_length=300))
+    with pytest.raises(BlockformerError, match="--prefix-length 3 .*256"):
+        convert(ConvertConfig(str(tiny_dirs[family]), tmp_path / "b", block_length=255, prefix_length=3))
+    assert list(tmp_path.iterdir()) == []
+    model = convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=255, prefix_length=2)  # just fits
+    x = torch.randint(3, 96, (1, 256))
+    assert model(x).logits.shape == (1, 256, 96)
+
+
+@pytest.mark.parametrize("family,overrides,option", [
+    ("mistral", {"sliding_window": 8}, "sliding_window=8"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}, "use_sliding_window")])
+def test_sliding_window_models_are_refused(tmp_path, family, overrides, option):
+    src = save_tiny(family, tmp_path / "src", **overrides)
+    with pytest.raises(BlockformerError, match=option) as e:
+        convert(ConvertConfig(str(src), tmp_path / "b", block_length=1, block_layers=4))
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", {"sliding_window": 256}), ("mistral", {"sliding_window": 1000}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 4})])  # no layer slides
+def test_sliding_window_without_effect_still_converts_exactly(tmp_path, family, overrides):
+    src = save_tiny(family, tmp_path / "src", **overrides)
+    block = convert_tiny(src, tmp_path / "b", block_length=1, block_layers=4)
+    x = torch.randint(3, 96, (2, 48), generator=torch.Generator().manual_seed(0))
+    assert_close(block(x).logits, load_original(src)(x).logits, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blockformer.errors import BlockformerError
-from tiny import VOCAB, convert_tiny, perturb_new_parts
+from tiny import VOCAB, convert_tiny, perturb_new_parts, tiny_tokenizer
 
 
 def argmax_reference(model, prompt, n):
@@ -76,19 +76,21 @@ def test_eos_stops_each_sequence(model):
 
 
 @torch.no_grad()
-def test_streamer_sees_every_token(model):
-    class Collect:
-        def __init__(self):
-            self.got, self.ended = [], False
+def test_hf_streamer_gets_the_prompt_then_every_token(model):
+    """HF's convention: the first put() is the prompt, so skip_prompt=True streams exactly the new tokens."""
+    from transformers import TextIteratorStreamer
+    tok, prompt = tiny_tokenizer(), torch.tensor([[5, 6, 7]])
+    s = TextIteratorStreamer(tok, skip_prompt=True, timeout=0)
+    out = model.generate(prompt, max_new_tokens=6, eos_token_id=None, streamer=s)
+    assert "".join(s) == tok.decode(out[0, 3:])
 
-        def put(self, t):
-            self.got.append(t)
 
-        def end(self):
-            self.ended = True
-    s = Collect()
-    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, eos_token_id=None, streamer=s)
-    assert s.ended and torch.equal(torch.cat(s.got, 1), out[:, 3:])
+@torch.no_grad()
+def test_text_streamer_prints_prompt_and_generation(model, capsys):
+    from transformers import TextStreamer
+    tok, prompt = tiny_tokenizer(), torch.tensor([[5, 6, 7]])
+    out = model.generate(prompt, max_new_tokens=7, eos_token_id=None, streamer=TextStreamer(tok))
+    assert capsys.readouterr().out == tok.decode(out[0]) + "\n"
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(max_new_tokens=0), "max_new_tokens"),

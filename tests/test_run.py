@@ -84,7 +84,7 @@ def test_eval_stage_scores_the_same_items_for_every_model(finished):
     items = [json.loads((root / "eval" / r / "results.json").read_text())["tasks"]["piqa"]["source"]
              for r in ("original", "converted", "uptrained")]
     assert items[0] == items[1] == items[2]
-    orig = json.loads((root / "eval/original/results.json").read_text())["models"]["converted"]
+    orig = json.loads((root / "eval/original/results.json").read_text())["models"]["original"]
     assert orig["model_type"] == "llama"  # the original really is the vanilla model
 
 

@@ -1,7 +1,9 @@
 """Uptraining on tiny models: files written, exact resume after kill -9, LoRA merge, budgets, bad input, DDP."""
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,7 +59,8 @@ def test_files_written_and_model_loads(block, corpus, tiny_dirs, tmp_path):
     out = tmp_path / "run"
     assert s["step"] == 4 and len(losses(out)) == 4
     for name in ("uptrain_config.json", "metrics.jsonl", "loss.png", "summary.json", "model/config.json",
-                 "model/model.safetensors", "model/tokenizer.json", "checkpoints/step-4/state.pt"):
+                 "model/model.safetensors", "model/tokenizer.json", "checkpoints/step-4/state.json",
+                 "checkpoints/step-4/model.safetensors", "checkpoints/step-4/optimizer.safetensors"):
         assert (out / name).exists(), name
     model = load_block(out / "model")
     assert torch.isfinite(model(torch.randint(3, VOCAB, (1, 9))).logits).all()
@@ -103,11 +106,41 @@ def test_packing_pads_documents_and_masks_them(corpus):
     assert (~p.mask).any()                       # the paper's random first-block padding is there
 
 
-def test_nan_loss_stops_with_a_clear_message(block, corpus, tmp_path):
-    with pytest.raises(BlockformerError, match="loss became"):
+def test_absurd_lr_keeps_no_diverged_checkpoint(block, corpus, tmp_path):
+    """lr 1e30 from the first step: the run stops in one line, and no checkpoint holding huge weights is kept."""
+    with pytest.raises(BlockformerError, match="diverge|not finite|is nan|is inf") as e:
         uptrain(UptrainConfig(str(block), str(corpus), tmp_path / "run", seq_len=32, batch_size=2, max_steps=30,
                               lr=1e30, warmup_steps=1, save_every=1, grad_clip=0.0))
-    assert list((tmp_path / "run" / "checkpoints").glob("step-*"))  # the last good checkpoint is kept
+    assert "\n" not in str(e.value) and "--lr" in str(e.value)
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        assert_finite_checkpoint(ckpt)
+
+
+def assert_finite_checkpoint(ckpt):
+    from safetensors.torch import load_file
+    weights = load_file(ckpt / "model.safetensors")
+    assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in weights.values()), ckpt
+    step = int(ckpt.name.split("-")[1])
+    rec = [r for r in map(json.loads, (ckpt.parent.parent / "metrics.jsonl").read_text().splitlines())
+           if r["step"] == step]
+    assert rec and all(math.isfinite(r.get("val_loss", 0.0)) for r in rec), rec
+
+
+def test_divergence_keeps_the_last_finite_checkpoint_and_the_advice_works(block, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = dict(seq_len=32, batch_size=2, max_steps=8, save_every=2, eval_every=4, warmup_steps=2, lr=1e-3)
+    monkeypatch.setenv("BLOCKFORMER_LR_SPIKE_AT_STEP", "5")  # the update of step 5 blows the weights up
+    with pytest.raises(BlockformerError, match="--resume --lr 0.0001") as e:
+        uptrain(UptrainConfig(str(block), str(corpus), out, **cfg))
+    assert "step-4" in str(e.value)
+    kept = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in kept] == ["step-2", "step-4"]
+    for ckpt in kept:
+        assert_finite_checkpoint(ckpt)
+    monkeypatch.delenv("BLOCKFORMER_LR_SPIKE_AT_STEP")
+    r = run_cli(block, "--data", corpus, "--out", out, *COMMON, "--resume", "--lr", "1e-4")  # the advice, as given
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(losses(out)) == 8 and all(math.isfinite(x) for x in losses(out))
 
 
 @pytest.mark.parametrize("setup,args,msg", [
@@ -115,7 +148,7 @@ def test_nan_loss_stops_with_a_clear_message(block, corpus, tmp_path):
     ("missing", [], "not found"),
     ("nofield", ["--text-field", "body"], "no field 'body'"),
     ("exists", [], "already exists"),
-    ("nobudget", ["--max-steps", "0"], "set a budget"),
+    ("nobudget", [], "set a budget"),
 ])
 def test_bad_input(block, tmp_path, setup, args, msg):
     data = tmp_path / "d.txt"
@@ -157,3 +190,336 @@ def test_two_process_ddp_matches_one_process(block, corpus, tmp_path):
                         *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+
+
+# ------------------------------------------------------------------ checkpoints: no pickle, damage, overwrite, disk
+SMALL = dict(seq_len=32, batch_size=2, save_every=2, eval_every=2, warmup_steps=2, lr=1e-3)
+
+
+class Payload:
+    """Unpickling this creates a marker file: what a planted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_never_unpickles_a_planted_file(block, corpus, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "payload-ran"
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=2, **SMALL))
+    for step in (2, 9):  # beside the real checkpoint, and as a newer one
+        (out / "checkpoints" / f"step-{step}").mkdir(exist_ok=True)
+        torch.save({"model": Payload(marker), "state": Payload(marker)}, out / "checkpoints" / f"step-{step}" / "state.pt")
+    assert not marker.exists()
+    s = uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=4, resume=True, **SMALL))
+    assert s["step"] == 4 and not marker.exists()
+
+
+def test_resume_tolerates_a_metrics_line_cut_short(block, corpus, tmp_path):
+    out = tmp_path / "run"
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=2, **SMALL))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.1')  # killed (or disk full) in the middle of the append
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=3, resume=True, **SMALL))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(block, corpus, tmp_path):
+    from blockformer.uptrain.train import latest_checkpoint
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    uptrain(UptrainConfig(str(block), str(corpus), ref, max_steps=6, **SMALL))
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=4, **SMALL))
+    f = out / "checkpoints" / "step-4" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # cut short, as by a crash without fsync
+    assert latest_checkpoint(out).name == "step-2"
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=6, resume=True, **SMALL))
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-6, abs=1e-7)
+
+
+def test_overwrite_replaces_the_old_run_only_on_success(block, corpus, tmp_path, monkeypatch):
+    import blockformer.uptrain.train as train
+    out = tmp_path / "run"
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=2, **SMALL))
+    before = (out / "summary.json").read_text()
+
+    def fail(*args, **kwargs):
+        raise BlockformerError("injected failure in the first step")
+    monkeypatch.setattr(train, "step_losses", fail)
+    with pytest.raises(BlockformerError, match="injected"):
+        uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=3, overwrite=True, **SMALL))
+    assert (out / "summary.json").read_text() == before           # the old run is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]          # and nothing half-made beside it
+    monkeypatch.undo()
+    uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=1, overwrite=True, **SMALL))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_an_unwritable_out_is_one_line(block, corpus, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = CliRunner().invoke(main, ["uptrain", str(block), "--data", str(corpus), "--out", str(blocker / "run"),
+                                  "--max-steps", "1", "--seq-len", "32"])
+    assert r.exit_code == 1 and "cannot write" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(block, corpus, tmp_path, monkeypatch):
+    import blockformer.uptrain.checkpoints as ck
+    real, calls = ck.save_file, []
+
+    def disk_full(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 3:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, path, *args, **kwargs)
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(BlockformerError, match="No space left on device.*step-2 is kept") as e:
+        uptrain(UptrainConfig(str(block), str(corpus), out, max_steps=4, **SMALL))
+    assert "\n" not in str(e.value)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"] and ck.readable(out / "checkpoints/step-2")
+
+
+def test_fsdp_state_is_gathered_on_every_rank_and_written_by_the_main_one(block, tmp_path, monkeypatch):
+    """Without FSDP on CPU: a fake accelerator checks the code path (gather on all ranks, write on main)."""
+    import torch.distributed.checkpoint.state_dict as dcp
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+    import blockformer.uptrain.train as train
+    from blockformer.uptrain.checkpoints import RunFolder
+    model = load_block(block)
+    opt = torch.optim.AdamW(model.parameters())
+    calls = []
+
+    class FakeFSDP:
+        distributed_type, num_processes, device = DistributedType.FSDP, 2, torch.device("cpu")
+
+        def __init__(self, main):
+            self.is_main_process = main
+
+        def get_state_dict(self, m):  # the gathered full weights: marked, to see that they are what is saved
+            calls.append(("model", self.is_main_process))
+            return {k: v + 1 for k, v in m.state_dict().items()}
+
+        def unwrap_model(self, m):
+            return m
+
+        def wait_for_everyone(self):
+            pass
+    monkeypatch.setattr(dcp, "get_optimizer_state_dict",
+                        lambda m, o, options: calls.append(("optimizer", options.full_state_dict)) or o.state_dict())
+    cfg = UptrainConfig(str(block), "d", tmp_path / "run", max_steps=1)
+    state = {"step": 1, "tokens": 0, "train_seconds": 0.0, "history": []}
+    cfg.out.mkdir()
+    for main_rank in (False, True):
+        folder = RunFolder(cfg.out, fresh=False, main=main_rank)
+        train.checkpoint(cfg, FakeFSDP(main_rank), model, opt, state, folder)
+        assert train.final_model(cfg, FakeFSDP(main_rank), model) is None or main_rank
+    assert calls == [("model", False), ("optimizer", True), ("model", False),
+                     ("model", True), ("optimizer", True), ("model", True)]
+    saved = load_file(tmp_path / "run/checkpoints/step-1/model.safetensors")
+    ref = model.state_dict()
+    assert torch.allclose(saved["embedder.proj.weight"], ref["embedder.proj.weight"] + 1)
+    final = train.final_model(cfg, FakeFSDP(True), model)
+    assert torch.allclose(final.state_dict()["embedder.proj.weight"], ref["embedder.proj.weight"] + 1)
+
+
+SKEWED_CLOCK = """
+import os, sys, time
+if os.environ.get("RANK") == "1":  # this process's clock runs 50 times fast
+    real = time.perf_counter
+    time.perf_counter = lambda: real() * 50
+from blockformer.cli import main
+main(sys.argv[1:], prog_name="blockformer")
+"""
+
+
+def test_two_process_ddp_agrees_when_max_time_is_up(block, corpus, tmp_path):
+    script, out = tmp_path / "skewed.py", tmp_path / "run"
+    script.write_text(SKEWED_CLOCK)
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                        "uptrain", str(block), "--out", str(out), "--data", str(corpus), "--seq-len", "32",
+                        "--batch-size", "2", "--max-time", "4s", "--warmup-steps", "1"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == len(losses(out)) >= 1
+
+
+# ------------------------------------------------------------------ alignment
+@pytest.mark.parametrize("layer_map", ["partition", "duplicate", "skip"])
+def test_alignment_compares_the_block_decoder_with_the_matching_teacher_layer(tiny_dirs, tmp_path, layer_map):
+    """With block length 1 the converted block decoder computes exactly the original's first layers, so the
+    alignment loss at init is 0 when (and only when) the right teacher layer is compared."""
+    from tiny import load_original
+    from blockformer.uptrain.losses import LayerTap, alignment_loss, teacher_align_layer
+    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=1, layer_map=layer_map)
+    teacher = load_original(tiny_dirs["llama"])
+    if layer_map == "skip":
+        with pytest.raises(BlockformerError, match="layer-map skip"):
+            teacher_align_layer(blk.config, teacher)
+        return
+    k = teacher_align_layer(blk.config, teacher)
+    assert k == {"partition": 2, "duplicate": 4}[layer_map]
+    tap = LayerTap(teacher, k)
+    ids, mask = torch.randint(4, VOCAB, (2, 12)), torch.ones(2, 12, dtype=torch.bool)
+    with torch.no_grad():
+        _, ctx, shift = blk(ids, attention_mask=mask, return_hidden=True).hidden_states
+        teacher.model(input_ids=ids, attention_mask=mask.long())
+    loss, n = alignment_loss(ctx, shift, tap.take(), mask, 1)
+    assert n == 24 and loss / n < 1e-8
+
+
+def test_alignment_refuses_a_skip_model_in_one_line(tiny_dirs, corpus, tmp_path):
+    convert_tiny(tiny_dirs["llama"], tmp_path / "b", layer_map="skip")
+    r = CliRunner().invoke(main, ["uptrain", str(tmp_path / "b"), "--data", str(corpus), "--out", str(tmp_path / "o"),
+                                  "--teacher", str(tiny_dirs["llama"]), "--align-weight", "0.1", "--max-steps", "1",
+                                  "--seq-len", "32"])
+    assert r.exit_code == 1 and "layer-map skip" in r.output and not (tmp_path / "o").exists(), r.output
+
+
+def test_alignment_positions_follow_the_block_shift_and_the_mask():
+    from blockformer.model import align_to_blocks
+    from blockformer.uptrain.losses import alignment_loss, alignment_positions
+    L, T = 4, 10
+    ids, mask = torch.randint(4, VOCAB, (2, T)), torch.ones(2, T, dtype=torch.bool)
+    mask[1, :2] = False   # row 1: two leading pads, so its first real token (2) closes block 0
+    mask[0, 4] = False    # row 0: a pad inside the row (a document boundary)
+    _, _, shift = align_to_blocks(ids, mask, L)
+    assert shift.tolist() == [3, 1]
+    pos, ok = alignment_positions(shift, 4, L, mask)
+    assert [pos[b][ok[b]].tolist() for b in range(2)] == [[0, 8], [2, 6]]
+    teacher_hidden = torch.arange(T).float()[None, :, None].expand(2, T, 3)  # the value is the position
+    loss, n = alignment_loss(torch.zeros(2, 4, 3), shift, teacher_hidden, mask, L)
+    assert n == 4 and loss.item() == pytest.approx(0 + 64 + 4 + 36)
+
+
+# ------------------------------------------------------------------ losses
+def _head_and_batch(seed=0, d=8, vocab=20):
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(d, vocab, bias=False)
+    h = torch.randn(2, 7, d, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 7))
+    labels[0, 3] = labels[1, 1] = -100
+    return head, h, labels
+
+
+def test_distillation_is_zero_for_a_teacher_identical_to_the_student():
+    from blockformer.uptrain.losses import token_loss
+    head, h, labels = _head_and_batch()
+    loss, n = token_loss(h, labels, head, (h.detach(), head), temperature=2.0, kd_weight=1.0)
+    assert n == 10 and abs(loss.item()) < 1e-5
+
+
+def test_distillation_matches_a_hand_computation_with_the_t2_factor():
+    import torch.nn.functional as F
+    from blockformer.uptrain.losses import token_loss
+    head, h, labels = _head_and_batch()
+    t_head, _, _ = _head_and_batch(seed=1)
+    th = torch.randn(2, 7, 8)
+    T, w = 2.0, 0.3
+    loss, _ = token_loss(h, labels, head, (th, t_head), temperature=T, kd_weight=w)
+    valid = labels[:, 1:] != -100
+    s, t = head(h[:, :-1][valid]), t_head(th[:, :-1][valid])
+    ce = F.cross_entropy(s, labels[:, 1:][valid], reduction="sum")
+    p = F.softmax(t / T, -1)
+    kl = (p * (p.log() - F.log_softmax(s / T, -1))).sum()
+    assert loss.item() == pytest.approx((1 - w) * ce.item() + w * T * T * kl.item(), rel=1e-5)
+
+
+def test_loss_and_gradients_do_not_depend_on_the_chunk_size():
+    from blockformer.uptrain.losses import token_loss
+    head, h, labels = _head_and_batch()
+    t_head, _, _ = _head_and_batch(seed=1)
+    th = torch.randn(2, 7, 8)
+    got = []
+    for chunk in (1, 3, 512):
+        h.grad, head.weight.grad = None, None
+        loss, _ = token_loss(h, labels, head, (th, t_head), temperature=1.5, kd_weight=0.5, chunk=chunk)
+        loss.backward()
+        got.append((loss.item(), h.grad.clone(), head.weight.grad.clone()))
+    for loss, gh, gw in got[1:]:
+        assert loss == pytest.approx(got[0][0], rel=1e-6)
+        assert torch.allclose(gh, got[0][1], atol=1e-6) and torch.allclose(gw, got[0][2], atol=1e-6)
+
+
+def test_teacher_logits_are_not_kept_alive_until_backward():
+    import gc
+    import weakref
+    from blockformer.uptrain.losses import token_loss
+    head, h, labels = _head_and_batch()
+    refs = []
+
+    class RecordingHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 20, bias=False)
+
+        def forward(self, x):
+            out = self.lin(x)
+            refs.append(weakref.ref(out))
+            return out
+    loss, _ = token_loss(h, labels, head, (torch.randn(2, 7, 8), RecordingHead()), kd_weight=0.5, chunk=3)
+    gc.collect()
+    assert refs and all(r() is None for r in refs)  # each chunk's teacher logits were freed with the chunk
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+
+
+def test_gradient_accumulation_matches_one_bigger_batch(block, corpus, tmp_path):
+    for name, bs, accum in (("one", 2, 1), ("two", 1, 2)):
+        uptrain(UptrainConfig(str(block), str(corpus), tmp_path / name, seq_len=32, batch_size=bs, grad_accum=accum,
+                              max_steps=1, warmup_steps=1, lr=1e-2, precision="fp32"))
+    a, b, orig = (load_block(x).state_dict() for x in (tmp_path / "one/model", tmp_path / "two/model", block))
+    assert not torch.equal(a["embedder.proj.weight"], orig["embedder.proj.weight"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# ------------------------------------------------------------------ options: one line each
+@pytest.mark.parametrize("args,msg", [
+    (["--lr", "0"], "lr (--lr) must be > 0 (got 0"),
+    (["--lr", "-1"], "lr (--lr) must be > 0 (got -1"),
+    (["--batch-size", "0"], "batch_size (--batch-size) must be >= 1 (got 0)"),
+    (["--seq-len", "-4"], "seq_len (--seq-len) must be >= 1"),
+    (["--save-every", "0"], "save_every (--save-every) must be >= 1"),
+    (["--eval-every", "-1"], "eval_every (--eval-every) must be >= 1"),
+    (["--grad-accum", "0"], "grad_accum (--grad-accum) must be >= 1"),
+    (["--keep-last", "0"], "keep_last (--keep-last) must be >= 1"),
+    (["--max-time", ""], "max_time (--max-time) must be a positive duration"),
+    (["--max-time", "-5m"], "max_time (--max-time) must be a positive duration"),
+    (["--max-steps", "-1"], "max_steps (--max-steps) must be >= 1 (got -1)"),
+    (["--max-tokens", "0"], "max_tokens (--max-tokens) must be >= 1"),
+    (["--temperature", "0"], "temperature (--temperature) must be > 0"),
+    (["--kd-weight", "1.5"], "kd_weight (--kd-weight) must be between 0 and 1"),
+    (["--align-weight", "-1"], "align_weight (--align-weight) must be >= 0"),
+    (["--align-weight", "0.5"], "needs a teacher"),
+    (["--freeze", "embedder,decoder"], "unknown part 'decoder'"),
+    (["--freeze", "embedder.nope"], "'embedder.nope' names no part"),
+    (["--warmup-steps", "-1"], "warmup_steps (--warmup-steps) must be >= 0"),
+])
+def test_bad_options_are_one_line(block, corpus, tmp_path, args, msg):
+    r = CliRunner().invoke(main, ["uptrain", str(block), "--data", str(corpus), "--out", str(tmp_path / "o"),
+                                  "--seq-len", "32", "--max-steps", "1", *args])
+    assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("freeze", (1, 2), "freeze (--freeze) must be a list of part names"),
+    ("freeze", "embedder", "freeze (--freeze) must be a list of part names"),
+    ("val_fraction", 0.0, "val_fraction must be between 0 and 1"),
+    ("val_fraction", 1.0, "val_fraction must be between 0 and 1"),
+    ("warmup_steps", -2, "warmup_steps (--warmup-steps) must be >= 0"),
+    ("max_tokens", -5, "max_tokens (--max-tokens) must be >= 1"),
+    ("lr", float("nan"), "lr (--lr) must be a finite number"),
+    ("batch_size", 2.5, "batch_size (--batch-size) must be an integer"),
+])
+def test_config_check_is_the_one_place_for_option_checks(field, value, msg):
+    """What recipes get too: UptrainConfig.check() names the field (and its flag)."""
+    from pathlib import Path
+    with pytest.raises(BlockformerError) as e:
+        UptrainConfig("m", "d", Path("o"), max_steps=1, **{field: value}).check()
+    assert msg in str(e.value)

@@ -19,7 +19,7 @@ import torch
 from .. import sources
 from ..errors import BlockformerError
 from ..families import Family, family_for, map_layer
-from ..io import atomic_folder, check_out
+from ..io import atomic_folder, check_out, ensure_writable, remove_stale_temps
 from ..model import BlockTransformerConfig, BlockTransformerForCausalLM
 from .card import model_card
 
@@ -69,6 +69,7 @@ def validate(cfg: ConvertConfig) -> None:
 def convert(cfg: ConvertConfig) -> dict:
     """Run the conversion; return the summary (also written as `convert.json` in the output folder)."""
     t0 = time.perf_counter()
+    remove_stale_temps(Path(cfg.out))  # what killed runs left (maybe gigabytes), before the space is probed
     validate(cfg)
     src = sources.resolve(cfg.source)
     hf_cfg = sources.load_config(src)
@@ -76,6 +77,8 @@ def convert(cfg: ConvertConfig) -> dict:
     arch = fam.arch(hf_cfg)
     n = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
     block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
+    check_window_fits(cfg, max_positions(hf_cfg, arch))
+    ensure_writable(Path(cfg.out))  # a read-only or full disk fails now, not after loading the model
     tokenizer = sources.load_tokenizer(src)
     original = sources.load_model(src, DTYPES[cfg.dtype])
     config = block_config(cfg, hf_cfg, arch, src, block_src, token_src)
@@ -91,10 +94,27 @@ def convert(cfg: ConvertConfig) -> dict:
     return summary
 
 
+def max_positions(hf_cfg, arch: dict) -> int:
+    return arch.get("max_position_embeddings") or getattr(hf_cfg, "max_position_embeddings", 2048)
+
+
+def check_window_fits(cfg: ConvertConfig, n_pos: int) -> None:
+    """The token decoder's window (prefix + the block's first L_B - 1 tokens) must fit the model's positions.
+
+    Learned positions (GPT-2) index a table of `n_pos` rows: a longer window crashes at the first forward pass.
+    Rotary models would run, but on positions the layers never saw, with blocks longer than the context that
+    generation and evaluation allow. The block decoder needs no check: N <= n_pos blocks for n_pos tokens.
+    """
+    window = cfg.prefix_length + cfg.block_length - 1
+    if window > n_pos:
+        raise BlockformerError(f"--block-length {cfg.block_length} with --prefix-length {cfg.prefix_length} needs a "
+                               f"token-decoder window of {window} positions; the model has {n_pos}")
+
+
 def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_src) -> BlockTransformerConfig:
     base = hf_cfg.to_dict()
     base.pop("quantization_config", None)
-    arch = {"max_position_embeddings": getattr(hf_cfg, "max_position_embeddings", 2048), **arch}
+    arch = {**arch, "max_position_embeddings": max_positions(hf_cfg, arch)}
     return BlockTransformerConfig(
         vocab_size=hf_cfg.vocab_size, block_length=cfg.block_length, prefix_length=cfg.prefix_length,
         num_block_layers=len(block_src), num_token_layers=len(token_src), base_config=base,

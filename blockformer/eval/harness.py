@@ -1,7 +1,10 @@
-"""Zero-shot evaluation of a converted model side by side with its original.
+"""Zero-shot evaluation of a model, alone or side by side with a baseline (its original) on the same items.
+
+Results and samples are keyed by role: the model's `role` ("model" unless the caller names it, e.g. the pipeline's
+original/converted/uptrained) and "baseline" for --baseline.
 
     blockformer eval out/smollm2-block --baseline default --tasks hellaswag,piqa,arc_easy,lambada_openai --limit 200
-    blockformer eval out/tiny-block --tasks piqa --limit 20 --data-dir ../shared/data      # tiny CPU variant
+    blockformer eval out/tiny-block --tasks piqa --limit 20      # tiny CPU variant, bundled data
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from tqdm.auto import tqdm
 from .. import sources
 from ..errors import BlockformerError
 from ..io import atomic_folder, check_out
-from .scoring import Scorer
-from .tasks import Doc, Task, default_data_dir, get_task, load_docs
+from .scoring import ANCHORS, Scorer
+from .tasks import TASKS, Doc, Task, default_data_dir, get_task, load_docs
 
 DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "lambada_openai")
+BASELINE = "baseline"  # the role of --baseline in results and samples
 
 
 @dataclass
@@ -38,26 +42,44 @@ class EvalConfig:
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
     device: str = "auto"            # auto: cuda when available
+    anchor: str = "context"         # block models: the token closing a block is the last context token | the first
+    role: str = "model"             # the model's label in results and samples
+
+
+def check(cfg: EvalConfig) -> list[Task]:
+    """Validate the options before any model is loaded; return the tasks."""
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise BlockformerError(f"--limit must be a positive number of items, got {cfg.limit}")
+    if not cfg.tasks:
+        raise BlockformerError(f"no tasks given; known tasks: {', '.join(TASKS)}")
+    twice = [t for i, t in enumerate(cfg.tasks) if t in cfg.tasks[:i]]
+    if twice:
+        raise BlockformerError(f"task '{twice[0]}' is given twice")
+    if cfg.anchor not in ANCHORS:
+        raise BlockformerError(f"anchor must be one of {', '.join(ANCHORS)}, got {cfg.anchor!r}")
+    if not cfg.role or (cfg.baseline is not None and cfg.role == BASELINE):
+        raise BlockformerError(f"role must be a name other than '{BASELINE}' (the baseline's), got {cfg.role!r}")
+    return [get_task(t) for t in cfg.tasks]
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Score every task for the model (and the baseline); return results, write them when `cfg.out` is set."""
     t0 = time.perf_counter()
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise BlockformerError(f"--limit must be a positive number of items, got {cfg.limit}")
-    tasks = [get_task(t) for t in cfg.tasks]
+    tasks = check(cfg)
     if cfg.out:
         check_out(Path(cfg.out), cfg.overwrite)  # before the long work, not after it
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     data = {t.name: load_docs(t, data_dir, cfg.limit, cfg.seed) for t in tasks}
-    models = {"converted": cfg.model} if cfg.baseline is None else {"original": cfg.baseline, "converted": cfg.model}
+    models = {cfg.role: cfg.model} if cfg.baseline is None else {BASELINE: cfg.baseline, cfg.role: cfg.model}
     loaded = {role: load_for_eval(spec, cfg.dtype, cfg.device) for role, spec in models.items()}
     if cfg.baseline is not None:
-        check_same_tokenizer(loaded["original"][1], loaded["converted"][1], cfg.baseline, cfg.model)
+        check_same_tokenizer(loaded[BASELINE][1], loaded[cfg.role][1], cfg.baseline, cfg.model)
     results = {"config": {**asdict(cfg), "data_dir": str(data_dir)}, "models": {}, "tasks": {}}
     for role, (model, tok, info) in loaded.items():
-        scorer = Scorer(model, tok, cfg.batch_tokens, max_length=cfg.max_length)
+        scorer = Scorer(model, tok, cfg.batch_tokens, max_length=cfg.max_length, anchor=cfg.anchor)
         results["models"][role] = {**info, "max_length": scorer.max_length}
+        if scorer.block:
+            results["models"][role]["anchor"] = cfg.anchor
         for task in tasks:
             docs, source = data[task.name]
             entry = results["tasks"].setdefault(task.name, {"source": source, "metrics": {}, "samples": {}})
@@ -96,17 +118,26 @@ def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
 
 
 def score_task(scorer: Scorer, task: Task, docs: list[Doc], role: str):
+    """(metrics, one sample per doc, seconds). A sample names its row of the task file (`doc`) and holds what
+    lm-eval logs for it, so that a --limit subset can be compared with lm-eval item by item."""
     t0 = time.perf_counter()
     n_req = len(docs) if task.kind == "rolling" else sum(len(d.requests) for d in docs)
     with tqdm(total=n_req, desc=f"{role:>9} {task.name}", unit="req", leave=False) as bar:
         if task.kind == "rolling":
             lls = scorer.loglikelihood_rolling([d.requests[0][1] for d in docs], bar)
-            return rolling_metrics(lls, docs), lls, time.perf_counter() - t0
+            samples = [{"doc": d.index, "loglikelihood": ll, "words": d.words, "bytes": d.bytes}
+                       for d, ll in zip(docs, lls)]
+            return rolling_metrics(lls, docs), samples, time.perf_counter() - t0
         if task.kind == "loglikelihood":
             flat = scorer.loglikelihood([d.requests[0] for d in docs], bar)
-            return loglikelihood_metrics(flat), [ll for ll, _ in flat], time.perf_counter() - t0
-        per_doc = [[ll for ll, _ in r] for r in scorer.loglikelihood_choices([d.requests for d in docs], bar)]
-    return mc_metrics(per_doc, docs, task.metrics), [argmax(x) for x in per_doc], time.perf_counter() - t0
+            samples = [{"doc": d.index, "loglikelihood": ll, "correct": greedy} for d, (ll, greedy) in zip(docs, flat)]
+            return loglikelihood_metrics(flat), samples, time.perf_counter() - t0
+        per_doc = scorer.loglikelihood_choices([d.requests for d in docs], bar)
+    preds = [mc_predictions([ll for ll, _ in r], d, task.metrics) for r, d in zip(per_doc, docs)]
+    samples = [{"doc": d.index, "gold": d.gold, "pred": p,
+                "choices": [{"loglikelihood": ll, "is_greedy": greedy} for ll, greedy in r]}
+               for d, r, p in zip(docs, per_doc, preds)]
+    return mc_metrics(preds, docs), samples, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -121,13 +152,18 @@ def mean_stderr(xs: list[float]) -> tuple[float, float]:
     return mu, sd / math.sqrt(n)
 
 
-def mc_metrics(lls: list[list[float]], docs: list[Doc], names) -> dict:
+def mc_predictions(lls: list[float], doc: Doc, names) -> dict:
+    """The choice each metric picks: acc the most likely, acc_norm the most likely per character (lm-eval's)."""
+    pred = {"acc": argmax(lls)}
+    if "acc_norm" in names:  # an empty choice: numpy's ll / 0 = -inf in lm-eval, never picked
+        pred["acc_norm"] = argmax([ll / n if n else -math.inf for ll, n in zip(lls, doc.lengths)])
+    return pred
+
+
+def mc_metrics(preds: list[dict], docs: list[Doc]) -> dict:
     out = {}
-    acc = [float(argmax(x) == d.gold) for x, d in zip(lls, docs)]
-    out["acc"], out["acc_stderr"] = mean_stderr(acc)
-    if "acc_norm" in names:
-        norm = [float(argmax([l / n for l, n in zip(x, d.lengths)]) == d.gold) for x, d in zip(lls, docs)]
-        out["acc_norm"], out["acc_norm_stderr"] = mean_stderr(norm)
+    for name in preds[0]:
+        out[name], out[f"{name}_stderr"] = mean_stderr([float(p[name] == d.gold) for p, d in zip(preds, docs)])
     return out
 
 

@@ -5,6 +5,7 @@ lm-eval and `blockformer eval` score a Block Transformer through the same code. 
 lm-eval loads its model table (see `blockformer/_lm_eval_hook.py`), or on `import blockformer.eval.lm_eval_plugin`.
 
     lm_eval --model blockformer --model_args pretrained=out/smollm2-block --tasks piqa --limit 20
+    lm_eval --model blockformer --model_args pretrained=out/smollm2-block,anchor=first ...   # the paper's alignment
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class BlockformerLM(TemplateLM):
     backend = "causal"
 
     def __init__(self, pretrained: str = "default", dtype: str = "float32", batch_tokens: int | None = None,
-                 max_length: int | None = None, device: str = "cpu", **_):
+                 max_length: int | None = None, device: str = "cpu", anchor: str = "context", **_):
         super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's CLI asks for cuda by default
@@ -29,7 +30,7 @@ class BlockformerLM(TemplateLM):
         model = sources.load_model(src, getattr(torch, dtype)).to(device)
         self.tokenizer = sources.load_tokenizer(src)
         self.scorer = Scorer(model, self.tokenizer, batch_tokens and int(batch_tokens),
-                             max_length=max_length and int(max_length))
+                             max_length=max_length and int(max_length), anchor=anchor)
 
     @property
     def eot_token_id(self) -> int:

@@ -1,9 +1,13 @@
 """One scoring path for vanilla Hugging Face models and Block Transformers, with lm-eval 0.4's tokenisation.
 
 Log-likelihood of a continuation: `(context + continuation)[-(max_length + 1):][:-1]` is fed once; the logits at the
-continuation's positions are scored.  A Block Transformer anchors the last context token (it closes a block, as the
-last prompt token does in generation), so the continuation starts a new block: the score is exactly what the model
-assigns when it generates the continuation token by token after that context.
+continuation's positions are scored.  A Block Transformer has two conventions (`anchor`):
+  context (default) -- the last context token closes a block, as the last prompt token does in generation, so the
+                       continuation starts a new block: the score is exactly what the model assigns when it generates
+                       the continuation token by token after that context;
+  first             -- the first token of the window closes block 0 (the paper's evaluation: `L_B - 1` left pads),
+                       the alignment of training and of one plain forward pass over context + continuation.
+Vanilla models have no blocks and ignore it.
 
 Speed: requests are sorted by length and packed into batches under a token budget; only the continuation
 positions go through the LM head and log-softmax (the vocabulary projection dominates small models' cost).
@@ -14,16 +18,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import BlockformerError
 from ..families import FAMILIES
 from ..model import BlockTransformerForCausalLM
 
 DEFAULT_MAX_LENGTH = 2048
+ANCHORS = ("context", "first")
 
 
 class Scorer:
     def __init__(self, model, tokenizer, batch_tokens: int | None = None, max_batch: int = 64,
-                 max_length: int | None = None):
-        self.model, self.tok = model.eval(), tokenizer
+                 max_length: int | None = None, anchor: str = "context"):
+        if anchor not in ANCHORS:
+            raise BlockformerError(f"anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
+        self.model, self.tok, self.anchor = model.eval(), tokenizer, anchor
         self.block = isinstance(model, BlockTransformerForCausalLM)
         self.device = next(model.parameters()).device
         # measured on a 2-core CPU: small batches keep activations in cache (piqa 100 items: 18 s at 1024 tokens,
@@ -85,6 +93,7 @@ class Scorer:
         shared_cost = len(e[0][0]) + len(e) * max(len(x) for _, x in e)
         plain_cost = sum(len(c) + len(x) for c, x in e)
         cheaper = shared_cost < 0.8 * plain_cost
+        # block models always take the plain path: it is exact for either anchor (the cached path has no blocks)
         return not self.block and self.model.config.model_type in FAMILIES and same_ctx and fits and cheaper
 
     def _shared_batches(self, order, enc):
@@ -193,7 +202,8 @@ class Scorer:
         ids = torch.full((len(rows), T), self.prefix_token_id, dtype=torch.long)
         for b, (inp, _) in enumerate(rows):  # right padding: causal attention never looks at it
             ids[b, : len(inp)] = torch.tensor(inp)
-        anchor = torch.tensor([len(inp) - len(cont) for inp, cont in rows])  # the last context token
+        # rows start at index 0 (right padding), so the first real token is index 0; else the last context token
+        anchor = torch.tensor([0 if self.anchor == "first" else len(inp) - len(cont) for inp, cont in rows])
         h = self._hidden(ids.to(self.device), anchor.to(self.device))           # (B, T, D)
         return self._gather_scores(h, [(len(inp), cont) for inp, cont in rows])
 

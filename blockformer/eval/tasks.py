@@ -1,22 +1,23 @@
 """Zero-shot tasks with the prompts, choices and metrics of EleutherAI lm-evaluation-harness 0.4.
 
-Each task reads its original file format from a local folder (`--data-dir`, e.g. ../shared/data) and falls back to
-the Hugging Face dataset lm-eval itself uses. A task becomes a list of `Doc`s: the (context, continuation) pairs to
+Each task reads its original file format from the first data folder that holds it (`--data-dir`, else
+$BLOCKFORMER_DATA_DIR, then the copy bundled in the package: blockformer/datafiles.py) and falls back to the Hugging
+Face dataset lm-eval itself uses. A task becomes a list of `Doc`s: the (context, continuation) pairs to
 score plus what the metric needs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import datafiles
 from ..errors import BlockformerError
-from ..io import read_jsonl
+from ..io import open_text, read_jsonl, read_text, stored_file
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Doc:
     lengths: list[int] = field(default_factory=list)  # characters per choice, for acc_norm
     words: int = 0                           # rolling tasks: words and bytes of the original page
     bytes: int = 0
+    index: int = 0                           # the item's row in the full task file (samples.json names it)
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,24 @@ class Task:
     read_local: Callable                     # (path) -> list of docs in the hub's field layout
     to_doc: Callable                         # hub-layout doc -> Doc
 
+    def __post_init__(self):
+        object.__setattr__(self, "read_local", text_only(self.read_local))
+
+
+def text_only(read: Callable) -> Callable:
+    """A reader whose non-UTF-8 input is a one-line error naming the file (a decode error names no file)."""
+    def wrapped(path: Path):
+        try:
+            return read(path)
+        except UnicodeDecodeError as e:
+            raise BlockformerError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                                   "expected the task's text file") from e
+    return wrapped
+
 
 # ------------------------------------------------------------------------------------------ file formats
 def read_labels(path: Path, n: int) -> list[str]:
-    labels = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+    labels = [x.strip() for x in read_text(path).splitlines() if x.strip()]
     if len(labels) != n:
         raise BlockformerError(f"{path}: {len(labels)} labels for {n} items")
     return labels
@@ -49,7 +65,7 @@ def read_labels(path: Path, n: int) -> list[str]:
 
 def with_labels(rows: list[dict], path: Path, labels_name: str, key: str) -> list[dict]:
     lab = path.with_name(labels_name)
-    if not lab.exists():
+    if stored_file(lab) is None:
         if rows and key not in rows[0]:
             raise BlockformerError(f"{path}: no '{key}' field and no {lab.name} beside it")
         return rows
@@ -61,7 +77,7 @@ def with_labels(rows: list[dict], path: Path, labels_name: str, key: str) -> lis
 def hellaswag_local(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         return [hellaswag_from_original(r) for r in read_jsonl(path)]
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
@@ -97,13 +113,13 @@ def arc_local(path: Path) -> list[dict]:
 
 
 def sciq_local(path: Path) -> list[dict]:
-    return read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+    return read_jsonl(path) if path.suffix == ".jsonl" else json.loads(read_text(path))
 
 
 def wikitext_pages(path: Path) -> list[dict]:
     """Split the raw file into articles the way `EleutherAI/wikitext_document_level` does (62 test pages)."""
     pages, lines = [], []
-    for line in path.read_text(encoding="utf-8").split("\n"):
+    for line in read_text(path).split("\n"):
         flat = line.replace("= = =", "===").replace("= =", "==").strip()
         if flat.startswith("= ") and flat.endswith(" ="):  # a level-1 heading starts a new page
             if "\n".join(lines).strip():
@@ -187,13 +203,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 
 
 def default_data_dir() -> Path | None:
-    env = os.environ.get("BLOCKFORMER_DATA_DIR")
-    if env:
-        return Path(env)
-    for cand in ("../shared/data", "shared/data", "data"):
-        if Path(cand).is_dir():
-            return Path(cand)
-    return None
+    """The user's data folder when no --data-dir is given: $BLOCKFORMER_DATA_DIR or None (then the bundled copy)."""
+    return datafiles.user_data_dir(None)
 
 
 def get_task(name: str) -> Task:
@@ -207,33 +218,38 @@ def load_docs(task: Task, data_dir: Path | None, limit: int | None = None, seed:
     raw, source = _read(task, data_dir)
     if not raw:
         raise BlockformerError(f"{task.name}: {source['path']} holds no items")
-    index = list(range(len(raw)))
-    if limit is not None and limit < len(raw):
-        index = sorted(random.Random(seed).sample(index, limit))
     docs = []
-    for i in index:
+    for i in subset_index(len(raw), limit, seed):
         try:
             docs.append(task.to_doc(raw[i]))
+            docs[-1].index = i
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise BlockformerError(f"{source['path']}: item {i + 1} is malformed ({type(e).__name__}: {e})") from e
     return docs, {**source, "items_total": len(raw), "items": len(docs)}
 
 
+def subset_index(n: int, limit: int | None, seed: int) -> list[int]:
+    """Rows of a task file that `--limit` evaluates: a fixed-seed sample, in file order (the lm-eval export's too)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
 def _read(task: Task, data_dir: Path | None):
-    looked = []
-    for rel in task.local:
-        if data_dir is not None:
-            p = Path(data_dir) / rel
-            looked.append(str(p))
-            if p.is_file():
-                return task.read_local(p), {"path": str(p), "sha256": _sha256(p)}
+    p, looked = datafiles.find_file(task.local, data_dir)
+    if p is not None:
+        return task.read_local(p), {"path": str(p), "sha256": _sha256(p)}
+    where = ", ".join(looked)
+    reason = datafiles.hub_unreachable()
+    if reason and not datafiles.offline_mode():  # offline mode may still load a cached copy; no network: fail now
+        raise BlockformerError(f"no data for '{task.name}': looked in {where}; the Hugging Face dataset "
+                               f"{task.hub[0]} is out of reach ({reason}); put the files there or pass --data-dir")
     try:
         import datasets
         path, name, split = task.hub
         ds = datasets.load_dataset(path, name, split=split)
         return list(ds), {"path": f"hf://{path}/{name or ''}:{split}", "sha256": ds._fingerprint}
     except Exception as e:  # noqa: BLE001 - offline, missing package, renamed dataset...
-        where = ", ".join(looked) or "no --data-dir given"
         raise BlockformerError(f"no data for '{task.name}': looked in {where}, and the Hugging Face dataset "
                                f"{task.hub[0]} could not be loaded ({type(e).__name__}); put the files there "
                                f"or pass --data-dir") from e
@@ -241,7 +257,7 @@ def _read(task: Task, data_dir: Path | None):
 
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with open_text(p, binary=True) as f:  # of the content, also when it is stored compressed
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

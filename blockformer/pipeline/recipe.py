@@ -7,6 +7,7 @@ the stage functions. Unknown keys and values of the wrong type are one-line erro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "smollm2-135m-cpu.yaml"
 
 # Keys the pipeline fills in itself (models, output folders, resume flags), so a recipe cannot set them.
-SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", "extra", "data_dir"}
+SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", "extra", "data_dir", "role"}
 
 # Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
 RECIPE_DEFAULTS = {
@@ -37,7 +38,7 @@ STAGE_CONFIGS = {"convert": ConvertConfig, "uptrain": UptrainConfig, "eval": Eva
 class Recipe:
     source: str = "default"         # the model to convert: folder, hub id, .gguf file, or 'default'
     out: str = "runs/smollm2-135m-cpu"
-    data_dir: str | None = None     # task files and corpus; None: $BLOCKFORMER_DATA_DIR or ../shared/data
+    data_dir: str | None = None     # tasks+corpus; None: $BLOCKFORMER_DATA_DIR, bundled, hub
     convert: dict = field(default_factory=dict)
     uptrain: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
@@ -80,14 +81,26 @@ def load_recipe(spec: str | None) -> Recipe:
     import yaml
     path = resolve_recipe(spec)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise BlockformerError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
+        why = str(getattr(e, "problem", None) or e).splitlines()[0]  # ReaderError spans lines: keep one
+        raise BlockformerError(f"{path}{where}: not valid YAML ({why})") from e
     if not isinstance(raw, dict):
         raise BlockformerError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     return build(raw, path)
+
+
+def read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BlockformerError(f"{path}: cannot read the recipe ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BlockformerError(f"{path}: not a UTF-8 text file (byte {e.start}); a recipe is YAML text") from e
 
 
 def build(raw: dict, path: Path) -> Recipe:
@@ -107,16 +120,59 @@ def build(raw: dict, path: Path) -> Recipe:
         for k, v in merged.items():
             check_type(path, f"{stage}.{k}", v, annotation(stage, k))
         setattr(r, stage, merged)
-    check_scenarios(r.bench["scenarios"])
+    for stage in STAGE_CONFIGS:
+        check_values(path, stage, r.options(stage))
+    check_budget(path, r)
     return r
 
 
-def check_scenarios(table: dict) -> None:
-    for name, pg in table.items():
-        if not (isinstance(pg, (list, tuple)) and len(pg) == 2 and all(isinstance(x, int) and x >= 1 for x in pg)):
-            raise BlockformerError(f"bench.scenarios.{name} must be [prompt_len, gen_len], both >= 1, got {pg!r}")
-    if not table:
-        raise BlockformerError("bench.scenarios is empty; disable the stage with bench.enabled: false instead")
+# Stand-ins for the fields the pipeline fills in, so that a stage's config can be built (and checked) from a recipe.
+PLACEHOLDERS = {"source": "<source>", "model": "<model>", "out": Path("<out>")}
+
+
+def check_values(path: Path, stage: str, opts: dict) -> None:
+    """The stage's own value checks (its config's `check()`/`__post_init__`), so recipes and the CLI share them."""
+    cls = STAGE_CONFIGS[stage]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}  # as the pipeline passes them
+    try:
+        cfg = cls(**{k: v for k, v in PLACEHOLDERS.items() if k in fields}, **given)
+        check = getattr(cfg, "check", None)
+        if callable(check):
+            check()
+    except BlockformerError as e:
+        raise BlockformerError(f"{path}: {with_key(stage, str(e), fields)}") from e
+
+
+def with_key(stage: str, msg: str, fields: set) -> str:
+    """'--save-every must be ...' or 'save_every must be ...' -> 'uptrain.save_every must be ...' (the recipe's key)."""
+    head = msg.split(" ", 1)[0]
+    key = head.lstrip("-").replace("-", "_")
+    return f"{stage}.{key}{msg[len(head):]}" if key.split(".")[0] in fields else f"{stage}: {msg}"
+
+
+def budget_steps(u: dict, block_length: int) -> int | None:
+    """Optimizer steps of an uptraining budget, counted as uptrain counts them (one process); None: time only."""
+    seq = math.ceil(u["seq_len"] / block_length) * block_length   # uptrain rounds rows up to whole blocks
+    per_step = u["batch_size"] * u["grad_accum"] * seq
+    budgets = [b for b in (u["max_steps"], math.ceil(u["max_tokens"] / per_step) if u["max_tokens"] else None) if b]
+    return min(budgets) if budgets else None
+
+
+def check_budget(path: Path, r: Recipe) -> None:
+    """Warm-up must end and a checkpoint must be written within the budget, or the schedule silently degrades."""
+    u = r.uptrain
+    if not r.enabled("uptrain") or min(u["batch_size"], u["grad_accum"], u["seq_len"], r.convert["block_length"]) < 1:
+        return  # not run, or the stage's own checks name the bad value
+    steps = budget_steps(u, r.convert["block_length"])
+    if steps is None:
+        return  # a time budget alone: the step count depends on the machine
+    if u["warmup_steps"] >= steps:
+        raise BlockformerError(f"{path}: uptrain.warmup_steps ({u['warmup_steps']}) must be below the {steps} steps "
+                               f"of the budget, or the learning rate never leaves warm-up")
+    if u["save_every"] > steps:
+        raise BlockformerError(f"{path}: uptrain.save_every ({u['save_every']}) must be at most the {steps} steps of "
+                               f"the budget, or no checkpoint is written to resume from")
 
 
 def unknown(path: Path, prefix: str, given: dict, known: set) -> None:
@@ -142,7 +198,14 @@ def check_type(path: Path, key: str, value, ann: str) -> None:
     if value is None and "None" in ann:
         return
     parts = [p.strip() for p in ann.split("|")]
-    allowed = tuple(t for name, ts in TYPES.items() if any(p.startswith(name) for p in parts) for t in ts)
-    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-    if not ok:
+    if not is_a(value, parts):
         raise BlockformerError(f"{path}: '{key}' must be {ann}, got {value!r}")
+    # annotations are strings, so a list's elements are checked here: 'tuple[str, ...]' -> each one a str
+    item = next((p[len("tuple["):].split(",")[0].strip() for p in parts if p.startswith("tuple[")), None)
+    if isinstance(value, (list, tuple)) and item in TYPES and not all(is_a(v, [item]) for v in value):
+        raise BlockformerError(f"{path}: '{key}' must be a list of {item}, got {value!r}")
+
+
+def is_a(value, parts: list[str]) -> bool:
+    allowed = tuple(t for name, ts in TYPES.items() if any(p.startswith(name) for p in parts) for t in ts)
+    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)

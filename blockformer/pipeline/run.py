@@ -21,10 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from .. import sources
+from .. import datafiles, sources
 from ..errors import BlockformerError
 from ..eval.harness import resolve_device
-from ..eval.tasks import default_data_dir
 from ..io import atomic_folder, atomic_write_text
 from .recipe import Recipe, load_recipe
 
@@ -42,8 +41,8 @@ class RunConfig:
 def run(cfg: RunConfig, log=print) -> dict:
     recipe = load_recipe(cfg.recipe)
     root = Path(cfg.out or recipe.out)
+    data_dir = datafiles.user_data_dir(recipe.data_dir)  # or $BLOCKFORMER_DATA_DIR; None: bundled data, then hub
     prepare_root(root, cfg.overwrite)
-    data_dir = Path(recipe.data_dir).expanduser() if recipe.data_dir else (default_data_dir() or Path("../shared/data"))
     (root / "recipe.yaml").write_text("# the recipe as run, every default filled in\n"
                                       + yaml.safe_dump(resolved(recipe), sort_keys=False))
     job = Job(root, recipe, data_dir, cfg.force, log)
@@ -78,7 +77,7 @@ def resolved(recipe: Recipe) -> dict:
 class Job:
     """The stages of one recipe; every stage returns a JSON-able result that the report reads."""
 
-    def __init__(self, root: Path, recipe: Recipe, data_dir: Path, force: bool, log):
+    def __init__(self, root: Path, recipe: Recipe, data_dir: Path | None, force: bool, log):
         self.root, self.recipe, self.data_dir, self.force, self.log = root, recipe, data_dir, force, log
         self.source_fp = fingerprint(recipe.source)
         self.timings: dict[str, float] = {}   # seconds each stage took when it ran (this time or before)
@@ -136,13 +135,14 @@ class Job:
         opts = self.recipe.options("eval")
         opts["tasks"] = tuple(opts["tasks"])
         out = self.root / "eval" / role
-        key = digest("eval", upstream, opts, fingerprint(self.data_dir, skip=("corpus",)))
+        data = [fingerprint(d, skip=("corpus",)) for d in datafiles.search_dirs(self.data_dir)]
+        key = digest("eval", upstream, opts, data)
 
         def work():
-            r = evaluate(EvalConfig(spec, data_dir=self.data_dir, out=out, overwrite=True, **opts))
-            return {"model": spec, "seconds": r["seconds"], "items": {t: len(e["samples"]["converted"])
+            r = evaluate(EvalConfig(spec, data_dir=self.data_dir, out=out, overwrite=True, role=role, **opts))
+            return {"model": spec, "seconds": r["seconds"], "items": {t: len(e["samples"][role])
                                                                       for t, e in r["tasks"].items()},
-                    "metrics": {t: e["metrics"]["converted"] for t, e in r["tasks"].items()}}
+                    "metrics": {t: e["metrics"][role] for t, e in r["tasks"].items()}}
         return self.stage(f"eval-{role}", key, out / "results.json", work)
 
     def bench(self, conv: dict) -> dict:
@@ -182,11 +182,9 @@ class Job:
         return result
 
     def data_path(self, spec: str) -> str:
-        """Relative paths are looked up under the data folder first (the shared corpus), then as given."""
-        p = Path(spec).expanduser()
-        if not p.is_absolute() and not p.exists() and (self.data_dir / p).exists():
-            return str(self.data_dir / p)
-        return spec
+        """A local path as given, else under the recipe's data folder, then the bundled data; else a dataset id."""
+        p, _ = datafiles.find_data(spec, self.data_dir)
+        return str(p) if p is not None else spec
 
 
 def fingerprint(spec, skip: tuple[str, ...] = ()):

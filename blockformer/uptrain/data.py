@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .. import datafiles
 from ..errors import BlockformerError
-from ..io import read_jsonl
+from ..io import COMPRESSED, read_jsonl, read_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 
@@ -36,28 +37,39 @@ class Packed:
 
 
 def read_documents(spec: str, field: str = "text", split: str = "train", max_docs: int | None = None) -> list[str]:
-    """Documents from a file, a folder of files, or a Hugging Face dataset name (streamed)."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet"})
+    """Documents from a file, a folder of files, or a Hugging Face dataset name (streamed).
+
+    A relative name is a local path first, then a folder under $BLOCKFORMER_DATA_DIR and the bundled data (so
+    `corpus/gutenberg` is the bundled books), and only then a dataset on the hub.
+    """
+    p, looked = datafiles.find_data(spec)
+    if p is not None and p.is_dir():
+        files = sorted({_logical(f) for f in p.rglob("*") if f.is_file()} - {None})
         if not files:
             raise BlockformerError(f"{spec} holds no .txt, .jsonl or .parquet files")
         docs = [d for f in files for d in _read_file(f, field)]
-    elif p.is_file():
-        docs = _read_file(p, field)
+    elif p is not None:
+        docs = _read_file(_logical(p) or p, field)
     elif "/" in spec and not spec.startswith((".", "/", "~")):
-        docs = _read_hub(spec, field, split, max_docs)
+        docs = _read_hub(spec, field, split, max_docs, looked)
     else:
-        raise BlockformerError(f"--data {spec} not found (a text/jsonl/parquet file, a folder, or a dataset name)")
+        raise BlockformerError(f"--data {spec} not found (a text/jsonl/parquet file, a folder, or a dataset name); "
+                               f"looked in {', '.join(looked)}")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise BlockformerError(f"--data {spec} holds no text")
     return docs[:max_docs] if max_docs else docs
 
 
+def _logical(f: Path) -> Path | None:
+    """A data file under the name readers look for (`a.txt.xz` is read as `a.txt`); None for other files."""
+    name = f.with_suffix("") if f.suffix in COMPRESSED else f
+    return name if name.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet"} else None
+
+
 def _read_file(path: Path, field: str) -> list[str]:
     if path.suffix in TEXT_SUFFIXES:
-        return [normalise(path.read_text(encoding="utf-8", errors="replace"))]
+        return [normalise(read_text(path, errors="replace"))]
     if path.suffix == ".jsonl":
         return [_field(r, field, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
     if path.suffix == ".parquet":
@@ -75,7 +87,11 @@ def _field(row: dict, field: str, where: str) -> str:
     return str(row[field])
 
 
-def _read_hub(name: str, field: str, split: str, max_docs: int | None) -> list[str]:
+def _read_hub(name: str, field: str, split: str, max_docs: int | None, looked: list[str]) -> list[str]:
+    reason = datafiles.hub_unreachable()  # streaming needs the network: without it, fail now, not after retries
+    if reason:
+        raise BlockformerError(f"--data {name}: no such file or folder (looked in {', '.join(looked)}) and the "
+                               f"Hugging Face hub is out of reach ({reason})")
     try:
         import datasets
         ds = datasets.load_dataset(name, split=split, streaming=True)
@@ -88,7 +104,8 @@ def _read_hub(name: str, field: str, split: str, max_docs: int | None) -> list[s
     except BlockformerError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise BlockformerError(f"could not stream dataset {name}: {type(e).__name__}") from e
+        raise BlockformerError(f"could not stream dataset {name}: {type(e).__name__} (no local file or folder "
+                               f"either: looked in {', '.join(looked)})") from e
 
 
 def normalise(text: str) -> str:

@@ -1,23 +1,23 @@
 """Uptrain a converted Block Transformer: cross-entropy and/or distillation from the original, full or LoRA.
 
-    blockformer uptrain out/smollm2-block --data ../shared/data/corpus/gutenberg --teacher default \\
+    blockformer uptrain out/smollm2-block --data corpus/gutenberg --teacher default \\
         --max-time 5m --out runs/uptrain
     blockformer uptrain out/tiny-block --data notes.txt --max-steps 4 --seq-len 32 --batch-size 2 --out runs/tiny
     accelerate launch --num_processes 2 -m blockformer.cli uptrain ...     # DDP; see README for FSDP
 
-Checkpoints (`OUT/checkpoints/step-N`) hold model, optimizer, scheduler, RNG and data position; `--resume` continues
-so that the logged losses are those of an uninterrupted run. The result is `OUT/model`, a plain model folder.
+Checkpoints (`OUT/checkpoints/step-N`, see checkpoints.py) hold model, optimizer, RNG and data position; `--resume`
+continues so that the logged losses are those of an uninterrupted run. The result is `OUT/model`, a plain model
+folder. Non-finite losses, gradients or weights stop the run before the update that would spread them, and a
+checkpoint is written only when its weights and validation loss are finite.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,55 +25,16 @@ from tqdm.auto import tqdm
 
 from .. import sources
 from ..errors import BlockformerError
-from ..io import atomic_folder
+from ..io import atomic_folder, atomic_write_text
+from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import UptrainConfig
 from .data import pack, read_documents
-from .losses import alignment_loss, token_loss
+from .losses import LayerTap, alignment_loss, teacher_align_layer, token_loss
 
-
-@dataclass
-class UptrainConfig:
-    model: str
-    data: str
-    out: Path
-    teacher: str | None = None
-    kd_weight: float = 0.5          # with a teacher: loss = (1 - w) CE + w KD
-    temperature: float = 1.0
-    align_weight: float = 0.0
-    text_field: str = "text"
-    split: str = "train"
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    max_time: float | None = None   # seconds
-    lora_rank: int = 0              # 0: full fine-tuning
-    lora_alpha: int = 16
-    freeze: tuple[str, ...] = ()
-    precision: str = "auto"         # auto | bf16 | fp32
-    eval_every: int = 50
-    val_fraction: float = 0.05
-    val_rows: int = 32              # validation rows scored each time (a fixed subset of the held-out slice)
-    save_every: int = 100
-    keep_last: int = 2
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    max_docs: int | None = None     # documents read at most (streamed datasets stop there)
+__all__ = ["UptrainConfig", "uptrain", "latest_checkpoint"]
 
 
 def validate(cfg: UptrainConfig, block_length: int) -> int:
-    if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
-        raise BlockformerError("set a budget: --max-steps, --max-tokens or --max-time")
-    if cfg.out.exists() and not (cfg.resume or cfg.overwrite):
-        raise BlockformerError(f"{cfg.out} already exists; pass --resume to continue it or --overwrite to replace it")
-    if cfg.resume and not latest_checkpoint(cfg.out):
-        raise BlockformerError(f"--resume: no checkpoint in {cfg.out / 'checkpoints'}")
     if cfg.seq_len % block_length:
         fixed = math.ceil(cfg.seq_len / block_length) * block_length
         print(f"note: --seq-len {cfg.seq_len} rounded up to {fixed}, a multiple of the block length {block_length}")
@@ -81,35 +42,55 @@ def validate(cfg: UptrainConfig, block_length: int) -> int:
     return cfg.seq_len
 
 
+def check_out(cfg: UptrainConfig) -> None:
+    if cfg.out.exists() and not (cfg.resume or cfg.overwrite):
+        raise BlockformerError(f"{cfg.out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise BlockformerError(f"{cfg.out} exists and is not a folder")
+    if cfg.resume and not latest_checkpoint(cfg.out):
+        raise BlockformerError(f"--resume: no checkpoint in {cfg.out / 'checkpoints'}")
+
+
 def uptrain(cfg: UptrainConfig) -> dict:
     from accelerate import Accelerator
     cfg.out = Path(cfg.out)
+    cfg.check()
+    check_out(cfg)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # on CPU, several processes use gloo
+    folder = RunFolder(cfg.out, fresh=not cfg.resume, main=acc.is_main_process)  # fails early if not writable
+    try:
+        state = _uptrain(cfg, acc, folder)
+    except BaseException:
+        folder.discard()  # a fresh run that failed before its first checkpoint leaves nothing behind
+        raise
+    acc.wait_for_everyone()
+    return state
+
+
+def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
     src = sources.resolve(cfg.model)
     model, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
     if model.config.model_type != "block_transformer":
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder; convert it first")
     cfg.seq_len = validate(cfg, model.config.block_length)
     teacher = load_teacher(cfg, tok) if cfg.teacher else None
+    tap = LayerTap(teacher, teacher_align_layer(model.config, teacher)) if cfg.align_weight else None
     docs = read_documents(cfg.data, cfg.text_field, cfg.split, cfg.max_docs)
     data = pack(docs, tok, cfg.seq_len, model.config.block_length, cfg.val_fraction, cfg.seed)
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # on CPU, several processes use gloo
-    if cfg.overwrite and not cfg.resume and acc.is_main_process:
-        shutil.rmtree(cfg.out, ignore_errors=True)
     model = prepare_trainable(model, cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # the factor is set each step from progress
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    folder.check_space(sum(p.numel() * p.element_size() for p in model.parameters())
+                       + sum(2 * p.numel() * 4 for p in trainable))  # weights + AdamW moments
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "history": []}
     if cfg.resume:
-        state = load_checkpoint(latest_checkpoint(cfg.out), acc.unwrap_model(model), opt, sched)
+        state = load_checkpoint(cfg.out, acc, model, opt)
     if acc.is_main_process:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "uptrain_config.json").write_text(json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2) + "\n")
-    loop(cfg, acc, model, teacher, opt, sched, data, state)
-    if acc.is_main_process:
-        write_final(cfg, acc.unwrap_model(model), tok, data, state)
-    acc.wait_for_everyone()
+        atomic_write_text(folder.path / "uptrain_config.json",
+                          json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2) + "\n")
+    loop(cfg, acc, model, (teacher, tap), opt, data, state, folder)
+    write_final(cfg, acc, model, tok, data, state, folder)
     return state
 
 
@@ -133,8 +114,11 @@ def prepare_trainable(model, cfg: UptrainConfig):
         for name, p in model.named_parameters():
             if "embedder.proj" in name or "token_decoder.expand" in name:
                 p.requires_grad_(True)  # the new parts have no pretrained value: train them fully
-    for name, p in model.named_parameters():
-        if any(f"{part}." in name for part in cfg.freeze):
+    for part in cfg.freeze:
+        hit = [p for name, p in model.named_parameters() if f"{part}." in name]
+        if not hit:
+            raise BlockformerError(f"freeze (--freeze): '{part}' names no part of this model")
+        for p in hit:
             p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise BlockformerError("nothing left to train: --freeze covers every part")
@@ -178,53 +162,113 @@ def rows_for_step(step: int, global_batch: int, n_train: int, seed: int) -> list
     return out
 
 
-def loop(cfg, acc, model, teacher, opt, sched, data, state):
+def all_max(acc, value: float) -> float:
+    """The largest value over processes: every process then takes the same decision (stop, diverged)."""
+    if acc.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=acc.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def finite_params(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def loop(cfg, acc, model, teacher, opt, data, state, folder):
     world, rank = acc.num_processes, acc.process_index
     gb = cfg.batch_size * cfg.grad_accum * world
     device = acc.device
-    if teacher is not None:
-        teacher.to(device)
+    if teacher[0] is not None:
+        teacher[0].to(device)
     steps_for_tokens = math.ceil(cfg.max_tokens / (gb * cfg.seq_len)) if cfg.max_tokens else None
     budgets = [b for b in (cfg.max_steps, steps_for_tokens) if b]  # a time budget alone has no step count
     bar = tqdm(total=min(budgets) if budgets else None, initial=state["step"], disable=not acc.is_main_process,
                unit="step")
     t_start = time.perf_counter() - state["train_seconds"]
+    params = [p for p in model.parameters() if p.requires_grad]
     while progress(cfg, state) < 1.0:
         t0 = time.perf_counter()
         rows = rows_for_step(state["step"], gb, data.n_train, cfg.seed)
         mine = rows[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
         loss_sum, count = step_losses(cfg, acc, model, teacher, data, mine, gb, device)
-        if not math.isfinite(loss_sum):
-            raise BlockformerError(f"loss became {loss_sum} at step {state['step']}; stopped. The last good "
-                                   f"checkpoint is kept in {cfg.out / 'checkpoints'}; try a lower --lr")
+        # grad_clip 0: an infinite bound still returns the norm and leaves the gradients as they are
+        norm = float(acc.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        problems = [f"the {k} is {v}" for k, v in (("loss", loss_sum / count), ("gradient norm", norm))
+                    if not math.isfinite(v)] or ([] if finite_params(model) else ["a weight is not finite"])
+        if all_max(acc, float(bool(problems))):
+            raise diverged(cfg, folder, f"{'; '.join(problems) or 'another process saw a non-finite value'} at "
+                                        f"step {state['step'] + 1}; stopped before its update")
+        # fault injection for tests: a learning-rate spike that makes the weights diverge at step N
+        spike = 1e30 if os.environ.get("BLOCKFORMER_LR_SPIKE_AT_STEP") == str(state["step"] + 1) else 1.0
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(cfg, state)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            g["lr"] = cfg.lr * lr_factor(cfg, state) * spike
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
         state["tokens"] += gb * cfg.seq_len
-        state["train_seconds"] = time.perf_counter() - t_start
+        # the slowest clock decides for everyone: processes that stopped at different steps would hang DDP
+        state["train_seconds"] = all_max(acc, time.perf_counter() - t_start)
         rec = {"step": state["step"], "loss": loss_sum / count, "lr": opt.param_groups[0]["lr"],
                "tokens": state["tokens"], "tokens_per_s": gb * cfg.seq_len / (time.perf_counter() - t0),
                "seconds": round(state["train_seconds"], 2)}
-        if state["step"] % cfg.eval_every == 0 or progress(cfg, state) >= 1.0:
+        save = state["step"] % cfg.save_every == 0
+        if save or state["step"] % cfg.eval_every == 0 or progress(cfg, state) >= 1.0:
             rec["val_loss"] = validation_loss(acc, model, data, cfg, device)
-            rec["val_ppl"] = math.exp(rec["val_loss"])
+            rec["val_ppl"] = math.exp(min(rec["val_loss"], 700.0))  # 700: exp would overflow a float
+            check_finite(cfg, acc, model, folder, rec)
         state["history"].append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **(
             {"val_ppl": f"{rec['val_ppl']:.1f}"} if "val_ppl" in rec else {}))
         if acc.is_main_process:
-            with open(cfg.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if state["step"] % cfg.save_every == 0 and acc.is_main_process:
-            save_checkpoint(cfg, acc.unwrap_model(model), opt, sched, state)
+            append_metrics(folder, rec)
+        if save:
+            checkpoint(cfg, acc, model, opt, state, folder)
         acc.wait_for_everyone()
         if os.environ.get("BLOCKFORMER_CRASH_AFTER_STEP") == str(state["step"]):  # fault injection for tests
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+
+
+def check_finite(cfg, acc, model, folder, rec) -> None:
+    """Before a checkpoint or the final model: the weights and the validation loss must be finite."""
+    if all_max(acc, float(not (math.isfinite(rec["val_loss"]) and finite_params(model)))):
+        raise diverged(cfg, folder, f"the update of step {rec['step']} made the model diverge (validation loss "
+                                    f"{rec['val_loss']}); stopped without saving it")
+
+
+def diverged(cfg, folder: RunFolder, what: str) -> BlockformerError:
+    last = latest_checkpoint(cfg.out) if folder.published else None
+    lower = f"{cfg.lr / 10:g}"
+    if last:
+        return BlockformerError(f"{what}. The last finite checkpoint is {last}; continue from it with a lower "
+                                f"learning rate: the same command with --resume --lr {lower}")
+    return BlockformerError(f"{what}. No checkpoint was saved before; start again with a lower learning rate "
+                            f"(e.g. --lr {lower})")
+
+
+def append_metrics(folder: RunFolder, rec: dict) -> None:
+    try:
+        with open(folder.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        raise BlockformerError(f"could not append to {folder.out / 'metrics.jsonl'}: {e.strerror or e}") from e
+
+
+def checkpoint(cfg, acc, model, opt, state, folder: RunFolder) -> None:
+    model_sd, opt_sd = gather_state(acc, model, opt)  # every process: a collective under FSDP
+    if acc.is_main_process:
+        try:
+            save_checkpoint(folder.path, model_sd, opt_sd, state, cfg.keep_last)
+        except (OSError, BlockformerError) as e:  # io turns a full or read-only disk into BlockformerError
+            last = latest_checkpoint(folder.path)
+            what = (f"could not write checkpoint step-{state['step']} in {folder.out / 'checkpoints'}: "
+                    f"{e.strerror or e}" if isinstance(e, OSError) else str(e))
+            raise BlockformerError(f"{what}; " + (f"the previous checkpoint {last.name} is kept" if last else
+                                                   "there is no earlier checkpoint")) from e
+        folder.publish()  # a fresh run replaces OUT once it has something to resume from
+    del model_sd, opt_sd
 
 
 def step_losses(cfg, acc, model, teacher, data, mine, gb, device):
@@ -250,21 +294,19 @@ def zip_rows(data, rows):
     return (torch.stack([g[k] for g in got]) for k in range(3))
 
 
-def micro_loss(cfg, acc, model, teacher, ids, mask, labels):
+def micro_loss(cfg, acc, model, teacher_tap, ids, mask, labels):
     out = model(ids, attention_mask=mask, return_hidden=True)
     h, ctx, shift = out.hidden_states
     head = acc.unwrap_model(model).get_output_embeddings()
-    t_pair, t_hidden = None, None
+    teacher, tap = teacher_tap
+    t_pair = None
     if teacher is not None:
         with torch.no_grad():
-            t_out = teacher.base_model(input_ids=ids, attention_mask=mask.long(),
-                                       output_hidden_states=cfg.align_weight > 0)
+            t_out = teacher.base_model(input_ids=ids, attention_mask=mask.long())
         t_pair = (t_out.last_hidden_state, teacher.get_output_embeddings())
-        t_hidden = t_out.hidden_states
     loss, n = token_loss(h, labels, head, t_pair, cfg.temperature, cfg.kd_weight if teacher is not None else 0.0)
-    if cfg.align_weight and t_hidden is not None:
-        split = acc.unwrap_model(model).config.num_block_layers
-        a, m = alignment_loss(ctx, shift, t_hidden[split], mask, acc.unwrap_model(model).config.block_length)
+    if tap is not None:
+        a, m = alignment_loss(ctx, shift, tap.take(), mask, acc.unwrap_model(model).config.block_length)
         loss = loss + cfg.align_weight * a * n / max(m, 1)
     return loss, n
 
@@ -283,50 +325,36 @@ def validation_loss(acc, model, data, cfg, device) -> float:
     return total / max(count, 1)
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted((p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.pt").exists()),
-                   key=lambda p: int(p.name.split("-")[1]))
-    return steps[-1] if steps else None
+def final_model(cfg, acc, model):
+    """The trained model as one plain module on the main process (None elsewhere). Under FSDP the shards are
+    gathered (a collective) and loaded into a fresh copy, since the wrapped parameters are only this rank's part."""
+    if not is_fsdp(acc):
+        return acc.unwrap_model(model) if acc.is_main_process else None
+    sd = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None
+    copy = prepare_trainable(sources.load_model(sources.resolve(cfg.model), torch.float32), cfg)
+    copy.load_state_dict(sd)
+    return copy
 
 
-def save_checkpoint(cfg, model, opt, sched, state) -> None:
-    ckpt = cfg.out / "checkpoints" / f"step-{state['step']}"
-    with atomic_folder(ckpt, overwrite=True) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "state": state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-                   tmp / "state.pt")
-    for old in sorted((cfg.out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, model, opt, sched) -> dict:
-    blob = torch.load(path / "state.pt", weights_only=False)
-    model.load_state_dict(blob["model"])
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    random.setstate(blob["rng"]["python"])
-    metrics = path.parent.parent / "metrics.jsonl"
-    if metrics.exists():  # drop lines logged after this checkpoint by the interrupted run
-        keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= blob["state"]["step"]]
-        metrics.write_text("".join(line + "\n" for line in keep))
-    return blob["state"]
-
-
-def write_final(cfg, model, tok, data, state) -> None:
+def write_final(cfg, acc, model, tok, data, state, folder: RunFolder) -> None:
     from .report import loss_curve
+    model = final_model(cfg, acc, model)
+    if not acc.is_main_process:
+        return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # LoRA folded in: the result loads without peft
-    with atomic_folder(cfg.out / "model", overwrite=True) as tmp:
+    with atomic_folder(folder.path / "model", overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(f"# Uptrained Block Transformer\n\nFrom `{cfg.model}` on `{cfg.data}`: "
                                        f"{state['step']} steps, {state['tokens']:,} tokens, teacher "
                                        f"`{cfg.teacher}`, {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}"
                                        f" fine-tuning. See `uptrain_config.json` and `metrics.jsonl` beside it.\n")
-    loss_curve(state["history"], cfg.out / "loss.png")
+    loss_curve(state["history"], folder.path / "loss.png")
     summary = {"steps": state["step"], "tokens": state["tokens"], "seconds": round(state["train_seconds"], 1),
                "documents": data.documents, "data_tokens": data.tokens,
                "final": state["history"][-1] if state["history"] else None}
-    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(folder.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+    folder.publish()
