@@ -48,14 +48,22 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Weight dtype of the output (auto: as loaded).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--init", "init", type=click.Choice(["paper", "contextual"]), default="paper", show_default=True,
+              help="New parts' initialisation: the paper's (mean embedder, identity expansion, copied embeddings), "
+                   "or contextual (token-decoder inputs and prefix set from the original's split-layer states on "
+                   "--calib-data; see docs/recovery.md).")
+@click.option("--calib-data", default="corpus/gutenberg", show_default=True,
+              help="--init contextual: calibration text (file, folder, bundled corpus name or dataset).")
+@click.option("--calib-tokens", default=65536, show_default=True, help="--init contextual: calibration tokens.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtype, max_shard_size, overwrite):
+def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtype, max_shard_size, init, calib_data,
+            calib_tokens, overwrite):
     """Convert SRC (a model folder, hub id, .gguf file, or 'default') into a Block Transformer folder OUT."""
     from .convert import ConvertConfig, convert as run
     from .convert.card import summary_lines
     s = run(ConvertConfig(src, out, block_length, block_layers, layer_map, prefix_length, dtype, overwrite,
-                          max_shard_size))
+                          max_shard_size, init=init, calib_data=calib_data, calib_tokens=calib_tokens))
     for line in summary_lines(s):
         click.echo(line)
     click.echo(f"wrote {out} in {s['seconds']:.1f} s")

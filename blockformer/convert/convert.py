@@ -22,6 +22,7 @@ from ..families import Family, family_for, map_layer
 from ..io import atomic_folder, check_out, ensure_writable, remove_stale_temps
 from ..model import BlockTransformerConfig, BlockTransformerForCausalLM
 from .card import model_card
+from .contextual import INITS, contextual_init, read_calibration
 
 LAYER_MAPS = ("partition", "skip", "duplicate")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +39,9 @@ class ConvertConfig:
     dtype: str = "auto"
     overwrite: bool = False
     max_shard_size: str = "2GB"
+    init: str = "paper"              # paper | contextual (blockformer/convert/contextual.py)
+    calib_data: str = "corpus/gutenberg"  # --init contextual: text whose split-layer states set the new parts
+    calib_tokens: int = 65536        # --init contextual: calibration tokens
 
 
 def plan_layers(n: int, layer_map: str, block_layers: int | None) -> tuple[list[int], list[int]]:
@@ -63,6 +67,10 @@ def validate(cfg: ConvertConfig) -> None:
         raise BlockformerError(f"--layer-map must be one of {', '.join(LAYER_MAPS)}, got {cfg.layer_map}")
     if cfg.dtype not in DTYPES:
         raise BlockformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype}")
+    if cfg.init not in INITS:
+        raise BlockformerError(f"--init must be one of {', '.join(INITS)}, got {cfg.init}")
+    if cfg.calib_tokens < 1:
+        raise BlockformerError(f"--calib-tokens must be at least 1, got {cfg.calib_tokens}")
     check_out(Path(cfg.out), cfg.overwrite)
 
 
@@ -79,11 +87,16 @@ def convert(cfg: ConvertConfig) -> dict:
     block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
     check_window_fits(cfg, max_positions(hf_cfg, arch))
     ensure_writable(Path(cfg.out))  # a read-only or full disk fails now, not after loading the model
+    calib = read_calibration(cfg.calib_data) if cfg.init == "contextual" else None
     tokenizer = sources.load_tokenizer(src)
     original = sources.load_model(src, DTYPES[cfg.dtype])
     config = block_config(cfg, hf_cfg, arch, src, block_src, token_src)
     model = build_block_model(original, fam, config, arch, block_src, token_src)
-    summary = describe(model, original, cfg, src, time.perf_counter() - t0)
+    init = {"init": "paper"}
+    if cfg.init == "contextual":
+        init = contextual_init(model, original, fam, tokenizer, cfg.calib_data, calib, cfg.calib_tokens)
+    model.config.provenance["init"] = init
+    summary = {**describe(model, original, cfg, src, time.perf_counter() - t0), **init}
     with atomic_folder(Path(cfg.out), cfg.overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(tmp)

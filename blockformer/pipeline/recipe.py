@@ -25,7 +25,7 @@ SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", 
 
 # Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
 RECIPE_DEFAULTS = {
-    "convert": {"dtype": "float32"},
+    "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768},
     "uptrain": {"data": "corpus/gutenberg", "teacher": "source", "max_tokens": 32768, "seq_len": 256,
                 "warmup_steps": 4, "eval_every": 8, "save_every": 8},
     "eval": {"limit": 50, "tasks": ["piqa", "arc_easy", "hellaswag", "lambada_openai"]},

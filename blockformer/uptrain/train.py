@@ -192,13 +192,7 @@ def loop(cfg, acc, model, teacher, opt, data, state, folder):
         rows = rows_for_step(state["step"], gb, data.n_train, cfg.seed)
         mine = rows[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
         loss_sum, count = step_losses(cfg, acc, model, teacher, data, mine, gb, device)
-        # grad_clip 0: an infinite bound still returns the norm and leaves the gradients as they are
-        norm = float(acc.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-        problems = [f"the {k} is {v}" for k, v in (("loss", loss_sum / count), ("gradient norm", norm))
-                    if not math.isfinite(v)] or ([] if finite_params(model) else ["a weight is not finite"])
-        if all_max(acc, float(bool(problems))):
-            raise diverged(cfg, folder, f"{'; '.join(problems) or 'another process saw a non-finite value'} at "
-                                        f"step {state['step'] + 1}; stopped before its update")
+        check_update(cfg, acc, model, params, folder, loss_sum / max(count, 1), state["step"] + 1)
         # fault injection for tests: a learning-rate spike that makes the weights diverge at step N
         spike = 1e30 if os.environ.get("BLOCKFORMER_LR_SPIKE_AT_STEP") == str(state["step"] + 1) else 1.0
         for g in opt.param_groups:
@@ -209,7 +203,7 @@ def loop(cfg, acc, model, teacher, opt, data, state, folder):
         state["tokens"] += gb * cfg.seq_len
         # the slowest clock decides for everyone: processes that stopped at different steps would hang DDP
         state["train_seconds"] = all_max(acc, time.perf_counter() - t_start)
-        rec = {"step": state["step"], "loss": loss_sum / count, "lr": opt.param_groups[0]["lr"],
+        rec = {"step": state["step"], "loss": loss_sum / max(count, 1), "lr": opt.param_groups[0]["lr"],
                "tokens": state["tokens"], "tokens_per_s": gb * cfg.seq_len / (time.perf_counter() - t0),
                "seconds": round(state["train_seconds"], 2)}
         save = state["step"] % cfg.save_every == 0
@@ -229,6 +223,18 @@ def loop(cfg, acc, model, teacher, opt, data, state, folder):
         if os.environ.get("BLOCKFORMER_CRASH_AFTER_STEP") == str(state["step"]):  # fault injection for tests
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+
+
+def check_update(cfg, acc, model, params, folder, loss: float, step: int) -> None:
+    """Before an update: the loss, the gradient norm and the weights must be finite, on every process."""
+    # grad_clip 0: an infinite bound still returns the norm and leaves the gradients as they are
+    norm = float(acc.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+    problems = [f"the {k} is {v}" for k, v in (("loss", loss), ("gradient norm", norm)) if not math.isfinite(v)]
+    if not problems and not finite_params(model):
+        problems = ["a weight is not finite"]
+    if all_max(acc, float(bool(problems))):
+        raise diverged(cfg, folder, f"{'; '.join(problems) or 'another process saw a non-finite value'} at step "
+                                    f"{step}; stopped before its update")
 
 
 def check_finite(cfg, acc, model, folder, rec) -> None:

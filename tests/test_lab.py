@@ -1,0 +1,92 @@
+"""The recovery lab (bench/recovery_lab.py, blockformer/lab/) end to end on its micro preset: a tiny vanilla
+model, a few thousand tokens, two methods; then resumed."""
+from __future__ import annotations
+
+import json
+import math
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from blockformer.errors import BlockformerError
+from blockformer.lab import preset, run_lab
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("recovery_lab", ROOT / "bench" / "recovery_lab.py")
+recovery_lab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recovery_lab)
+
+
+def finite_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from finite_numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    cfg = preset("micro", tmp_path_factory.mktemp("lab") / "lab", threads=1)
+    first = run_lab(cfg)
+    return cfg, first
+
+
+def test_lab_runs_every_stage_and_writes_its_outputs(lab):
+    cfg, first = lab
+    assert set(first["stages"].values()) == {"ran"}
+    assert {"data", "vanilla", "convert-paper-partition", "scratch", "up-ce-b5-s0", "up-ce-b5-s1", "up-ce-b25-s0",
+            "up-staged_kd-b25-s0"} <= set(first["stages"])
+    report = json.loads((cfg.out / "lab.json").read_text())
+    losses = list(finite_numbers({k: report[k] for k in ("vanilla", "scratch", "converted", "table", "runs")}))
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert set(report["table"]["main"]) == {"ce", "staged_kd"}
+    assert set(report["table"]["main"]["ce"]) == {"b5", "b25"}
+    assert len(report["table"]["seeds"]["ce"]) == 2  # two seeds at the smallest budget
+    # every method spends exactly its budget, and the CE curve starts at the converted model's loss
+    for r in report["runs"]:
+        assert r["tokens"] == cfg.budget_tokens(r["budget"]) and r["curve"][-1]["tokens"] == r["tokens"]
+    ce = next(r for r in report["runs"] if r["method"] == "ce" and r["budget"] == 0.25)
+    assert ce["curve"][0] == {"tokens": 0, "val_loss": report["converted"]["paper-partition"]["val_loss"]}
+    assert len(ce["curve"]) > 2  # intermediate checkpoints were scored
+    assert (cfg.out / "fig5a.png").stat().st_size > 1000
+    assert "| ce |" in (cfg.out / "methods.md").read_text()
+    # the validation text is never trained on: no held-out paragraph appears in the training chunks
+    train = (cfg.out / "data" / "train.jsonl").read_text()
+    val = [json.loads(x)["text"] for x in (cfg.out / "data" / "val.jsonl").read_text().splitlines()]
+    probes = [p for v in val for p in v.split("\n\n") if len(p) > 200][:20]
+    assert probes and not any(json.dumps(p)[1:-1] in train for p in probes)
+
+
+def test_lab_resumed_skips_every_stage_and_redoes_only_a_missing_one(lab):
+    cfg, first = lab
+    again = run_lab(preset("micro", cfg.out, threads=1))
+    assert set(again["stages"]) == set(first["stages"]) and set(again["stages"].values()) == {"skipped"}
+    (cfg.out / "stages" / "up-ce-b25-s0.json").unlink()
+    third = run_lab(preset("micro", cfg.out, threads=1))
+    assert [k for k, v in third["stages"].items() if v == "ran"] == ["up-ce-b25-s0"]
+    assert third["table"]["main"]["ce"]["b25"] == pytest.approx(first["table"]["main"]["ce"]["b25"], abs=1e-6)
+
+
+def test_lab_refuses_a_folder_with_other_options_or_of_another_kind(lab, tmp_path):
+    cfg, _ = lab
+    with pytest.raises(BlockformerError, match="other options"):
+        run_lab(preset("micro", cfg.out, tokens=8192))
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(BlockformerError, match="not a lab folder"):
+        run_lab(preset("micro", tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [(["--methods", "ce,nope"], "unknown method(s) nope"),
+                                          (["--budgets", "0.01,2"], "budgets must be shares"),
+                                          (["--budgets", "x"], "--budgets must be comma-separated")])
+def test_lab_cli_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
+    rc = recovery_lab.main(["--micro", "--out", str(tmp_path / "lab"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "lab").exists()
