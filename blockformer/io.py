@@ -178,12 +178,14 @@ def read_text(path: Path, errors: str = "strict") -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open_text(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
+    rows, i = [], 0
+    try:
+        with open_text(path) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise BlockformerError(f"{path}:{i}: malformed JSON ({e.msg})") from e
+    except json.JSONDecodeError as e:
+        raise BlockformerError(f"{path}:{i}: malformed JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:  # a binary file, or another encoding: say so instead of a traceback
+        raise BlockformerError(f"{path}: not UTF-8 text (a {e.object[e.start]:#04x} byte); expected JSON lines") from e
     return rows

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny import FAMILIES, build_original, tiny_tokenizer
+from tiny import FAMILIES, VOCAB, build_original, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,15 @@ def family(request):
     return request.param
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    import random
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(3):  # a little structure to learn: runs of consecutive words
+        lines = []
+        for _ in range(120):
+            start = rng.randrange(4, VOCAB - 12)
+            lines.append(" ".join(f"w{start + k}" for k in range(rng.randint(3, 9))))
+        (d / f"book{i}.txt").write_text("\n".join(lines))
+    return d
