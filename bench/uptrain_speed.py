@@ -1,10 +1,14 @@
-"""Training tokens/s: the converted model (full and LoRA) beside the original model, same data, same run.
+"""Training tokens/s: the converted model (full and LoRA) beside the original model, same data, same run; and
+with `--precisions fp32,bf16`, the converted model's full step in each precision, the loss difference between them
+on the same batch, and the teacher's no-grad forward (what distillation adds per step) in each.
 
     python bench/uptrain_speed.py out/smollm2-block --original default --steps 4 --seq-len 512 --batch-size 4
+    python bench/uptrain_speed.py out/smollm2-block --precisions fp32,bf16 --steps 3 --seq-len 256
     python bench/uptrain_speed.py out/tiny --original tiny-orig --steps 2 --seq-len 32 --batch-size 2   # tiny
 
-Each setting: one warm-up step, then the median step time over `--steps` steps (AdamW, bf16 autocast where
-supported, as `blockformer uptrain` does). The last stdout line is one JSON object.
+Each setting: one warm-up step, then the median step time over `--steps` steps (AdamW; `auto` = bf16 autocast where
+supported, as `blockformer uptrain` does). The CPU model and its bf16 features are printed beside the figures. The
+last stdout line is one JSON object.
 """
 import json
 import statistics
@@ -17,7 +21,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blockformer import sources  # noqa: E402
+from blockformer.pipeline.run import cpu_name  # noqa: E402
 from blockformer.uptrain.train import UptrainConfig, autocast, prepare_trainable  # noqa: E402
+
+def cpu_features() -> list[str]:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return sorted({f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")})
+
+
+@torch.no_grad()
+def forward_time(model, ids, steps, cfg):
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        with autocast(cfg, ids.device):
+            model(ids)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def precision_rows(model, original, ids, steps) -> dict:
+    """Full step and teacher forward per precision, and |loss_bf16 - loss_fp32| on the first batch."""
+    out = {}
+    for prec in ("fp32", "bf16"):
+        cfg = UptrainConfig(model, "", Path("."), precision=prec)
+        m = sources.load_model(sources.resolve(model), torch.float32).train()
+        with autocast(cfg, ids.device):
+            first = float(m(ids, labels=ids).loss)
+        t = step_times(m, ids, steps, cfg, True)
+        teacher = sources.load_model(sources.resolve(original), torch.float32)
+        out[prec] = {"step_tokens_per_s": ids.numel() / t, "first_loss": first,
+                     "teacher_forward_s": forward_time(teacher, ids, steps, cfg), "step_s": t}
+        print(f"{prec}: {out[prec]['step_tokens_per_s']:7.1f} tokens/s per full step, teacher forward "
+              f"{out[prec]['teacher_forward_s']:.2f} s, first loss {first:.4f}")
+    out["loss_diff"] = abs(out["bf16"]["first_loss"] - out["fp32"]["first_loss"])
+    return out
 
 
 def step_times(model, ids, steps, cfg, block: bool):
@@ -41,9 +80,16 @@ def step_times(model, ids, steps, cfg, block: bool):
 @click.option("--steps", default=4, help="Timed steps per setting.")
 @click.option("--seq-len", default=512, help="Tokens per row.")
 @click.option("--batch-size", default=4, help="Rows per step.")
-def main(model, original, steps, seq_len, batch_size):
+@click.option("--precisions", default=None, help="'fp32,bf16': compare precisions instead of full/LoRA/original.")
+def main(model, original, steps, seq_len, batch_size, precisions):
     cfg = UptrainConfig(model, "", Path("."))
     ids = torch.randint(10, 40000, (batch_size, seq_len))
+    print(f"CPU: {cpu_name()} ({', '.join(cpu_features()) or 'no AVX-512/AMX'}); threads {torch.get_num_threads()}")
+    if precisions:
+        res = precision_rows(model, original, ids, steps)
+        print(json.dumps({"precisions": res, "cpu": cpu_name(), "features": cpu_features(), "seq_len": seq_len,
+                          "batch_size": batch_size}))
+        return
     rows = {}
     for name, spec, lora in (("original (full)", original, 0), ("converted (full)", model, 0),
                              ("converted (LoRA r=16)", model, 16)):
