@@ -406,3 +406,15 @@ def test_config_check_is_the_one_place_for_option_checks(field, value, msg):
     with pytest.raises(BlockformerError) as e:
         UptrainConfig("m", "d", Path("o"), max_steps=1, **{field: value}).check()
     assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("flags,want", [("avx512f avx512_bf16", False), ("avx512_bf16 amx_bf16 amx_tile", True),
+                                        ("sse4_2", False)])
+def test_auto_precision_is_bf16_on_a_cpu_only_with_amx(monkeypatch, flags, want):
+    """AVX512-BF16 without AMX trained slower in bf16 than fp32 (docs/uptraining.md): `auto` must not pick it."""
+    from blockformer.uptrain import train
+    monkeypatch.setattr(train, "_cpuinfo", lambda: f"flags\t\t: fpu {flags}\n")
+    cfg = UptrainConfig("m", "d", "o", precision="auto")
+    assert train.autocast(cfg, torch.device("cpu")).fast_dtype == torch.bfloat16
+    assert train.autocast(cfg, torch.device("cpu"))._enabled is want
+    assert train.autocast(UptrainConfig("m", "d", "o", precision="bf16"), torch.device("cpu"))._enabled

@@ -44,10 +44,11 @@ def read_calibration(data: str) -> list[str]:
 
 
 def calibration_rows(tokenizer, data: str | list[str], n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """(rows, seq_len) token ids drawn from random offsets of the calibration text; each row starts like a
-    document (BOS where the tokenizer adds one), so position 0 is a real first position."""
+    """(rows, seq_len) token ids drawn from random offsets of the calibration text. Each row starts the way the
+    tokenizer starts any text (with BOS only if it adds one itself), so position 0 looks like the first position
+    the model will see in use: its mean state is the attention sink the prefix slot copies."""
     docs = read_calibration(data) if isinstance(data, str) else data
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = special_prefix(tokenizer)
     stream: list[int] = []
     for doc in docs:  # enough text for twice the budget, tokenised in chunks (books are long)
         for i in range(0, len(doc), 20000):
@@ -61,6 +62,12 @@ def calibration_rows(tokenizer, data: str | list[str], n_tokens: int, seq_len: i
     random.Random(seed).shuffle(starts)
     rows = [bos + stream[s:s + body] for s in starts[: max(1, n_tokens // seq_len)]]
     return torch.tensor(rows)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text on its own (e.g. [BOS] for Llama 2, [] for SmolLM2)."""
+    full, plain = tokenizer("a")["input_ids"], tokenizer.encode("a", add_special_tokens=False)
+    return list(full[: len(full) - len(plain)]) if plain and full[len(full) - len(plain):] == plain else []
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ class Method:
     align: bool = False               # + block-decoder alignment to the teacher's split-layer states
     lora: bool = False
     staged: bool = False              # phase 1: decoder layers frozen; phase 2: everything
+    kd_weight: float | None = None    # None: the lab's kd_weight
     about: str = field(default="", compare=False)
 
 
@@ -41,6 +42,8 @@ METHODS = {
     "duplicate": Method(layer_map="duplicate", about="cross-entropy, layer map duplicate (both: every layer)"),
     "contextual": Method(init="contextual", about="contextual init (convert --init contextual), cross-entropy"),
     "contextual_kd": Method(init="contextual", kd=True, about="contextual init (convert --init contextual) + KD"),
+    "contextual_kd_only": Method(init="contextual", kd=True, kd_weight=1.0,
+                                 about="contextual init + pure distillation (no cross-entropy term)"),
     "staged": Method(staged=True, about="staged: decoder layers frozen for staged_share of the budget, then all; CE"),
     "staged_kd": Method(staged=True, kd=True, about="staged schedule + KD"),
 }
@@ -70,7 +73,7 @@ def uptrain_config(cfg, m: Method, model: str, out: Path, tokens: int, freeze, s
     teacher = str(cfg.out / "vanilla") if m.kd else None
     return UptrainConfig(
         model=model, data=str(cfg.out / "data" / "train.jsonl"), out=out, teacher=teacher,
-        kd_weight=cfg.kd_weight, align_weight=cfg.align_weight if m.align else 0.0,
+        kd_weight=cfg.kd_weight if m.kd_weight is None else m.kd_weight, align_weight=cfg.align_weight if m.align else 0.0,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.uptrain_lr, warmup_steps=max(1, steps // 10),
         max_tokens=tokens, lora_rank=cfg.lora_rank if m.lora else 0, freeze=tuple(freeze), precision="fp32",
         eval_every=every, save_every=every, keep_last=10**6 if curve else 1, val_fraction=0.01, val_rows=4,
