@@ -22,7 +22,7 @@ from blockformer.convert.contextual import (apply_contextual, calibration_rows, 
 from blockformer.convert.convert import block_config, build_block_model, plan_layers
 from blockformer.families import family_for
 from blockformer.io import read_text
-from blockformer.pipeline.run import cpu_name
+from blockformer.machine import cpu_name
 
 
 def nll(model, rows: torch.Tensor) -> float:

@@ -21,12 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blockformer import sources  # noqa: E402
-from blockformer.pipeline.run import cpu_name  # noqa: E402
+from blockformer.machine import cpu_flags, cpu_name  # noqa: E402
 from blockformer.uptrain.train import UptrainConfig, autocast, prepare_trainable  # noqa: E402
 
 def cpu_features() -> list[str]:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    return sorted({f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")})
+    return sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
 
 
 @torch.no_grad()

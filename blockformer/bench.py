@@ -19,6 +19,7 @@ import torch
 
 from . import costs, sources
 from .errors import BlockformerError
+from .machine import cpu_name
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
 QUICK = {"prefill-heavy": (1024, 32), "decode-heavy": (128, 256)}
@@ -164,9 +165,8 @@ def original_kv_bytes(model, tokens: int) -> int:
 
 def machine(peak: float, bw: float, device: str = "cpu") -> dict:
     """Where the bench ran; the rates are those of `device`."""
-    import platform
     on_cuda = torch.device(device).type == "cuda"
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": str(device), "matmul_gflops": peak / 1e9, "bandwidth_gbs": bw / 1e9,
             "cuda": torch.cuda.get_device_name(torch.device(device)) if on_cuda else None}
 

@@ -412,8 +412,9 @@ def test_config_check_is_the_one_place_for_option_checks(field, value, msg):
                                         ("sse4_2", False)])
 def test_auto_precision_is_bf16_on_a_cpu_only_with_amx(monkeypatch, flags, want):
     """AVX512-BF16 without AMX trained slower in bf16 than fp32 (docs/uptraining.md): `auto` must not pick it."""
+    from blockformer import machine
     from blockformer.uptrain import train
-    monkeypatch.setattr(train, "_cpuinfo", lambda: f"flags\t\t: fpu {flags}\n")
+    monkeypatch.setattr(machine, "cpuinfo", lambda: f"flags\t\t: fpu {flags}\n")
     cfg = UptrainConfig("m", "d", "o", precision="auto")
     assert train.autocast(cfg, torch.device("cpu")).fast_dtype == torch.bfloat16
     assert train.autocast(cfg, torch.device("cpu"))._enabled is want

@@ -25,6 +25,7 @@ from .. import datafiles, sources
 from ..errors import BlockformerError
 from ..eval.harness import resolve_device
 from ..io import atomic_folder, atomic_write_text
+from ..machine import cpu_name
 from .recipe import Recipe, load_recipe
 
 STAGES = ("convert", "uptrain", "eval", "bench", "report")
@@ -217,14 +218,3 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001 - a missing optional package is simply not listed
             pass
     return env
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()

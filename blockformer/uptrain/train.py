@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .. import sources
 from ..errors import BlockformerError
 from ..io import atomic_folder, atomic_write_text
+from ..machine import cpu_flags
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UptrainConfig
 from .data import pack, read_documents
@@ -134,14 +135,7 @@ def _cpu_bf16() -> bool:
     """bf16 autocast on a CPU pays only with AMX tiles. AVX512-BF16 alone was slower than fp32 here (Xeon, 2 cores:
     full step 196 vs 261 tokens/s, teacher forward 1.82 vs 0.95 s; `bench/uptrain_speed.py --precisions fp32,bf16`),
     so `auto` keeps fp32 there; `--precision bf16` still forces it."""
-    return "amx_bf16" in _cpuinfo().split()
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+    return "amx_bf16" in cpu_flags()
 
 
 def progress(cfg: UptrainConfig, state: dict) -> float:

@@ -1,0 +1,30 @@
+"""What CPU this is: its model name and feature flags, read once from /proc/cpuinfo (never assumed)."""
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=None)
+def cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU model written beside every figure ('Intel(R) Xeon(R) Processor', 'AMD EPYC ...')."""
+    for line in cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """Feature flags of the first core, e.g. {'avx512f', 'avx512_bf16', 'amx_bf16', ...}."""
+    for line in cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
