@@ -16,6 +16,7 @@ from ..convert import ConvertConfig
 from ..errors import BlockformerError
 from ..eval.harness import EvalConfig
 from ..uptrain import UptrainConfig
+from ..uptrain.config import step_budget
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "smollm2-135m-cpu.yaml"
@@ -154,9 +155,7 @@ def with_key(stage: str, msg: str, fields: set) -> str:
 def budget_steps(u: dict, block_length: int) -> int | None:
     """Optimizer steps of an uptraining budget, counted as uptrain counts them (one process); None: time only."""
     seq = math.ceil(u["seq_len"] / block_length) * block_length   # uptrain rounds rows up to whole blocks
-    per_step = u["batch_size"] * u["grad_accum"] * seq
-    budgets = [b for b in (u["max_steps"], math.ceil(u["max_tokens"] / per_step) if u["max_tokens"] else None) if b]
-    return min(budgets) if budgets else None
+    return step_budget(u["max_steps"], u["max_tokens"], u["batch_size"] * u["grad_accum"] * seq)
 
 
 def check_budget(path: Path, r: Recipe) -> None:

@@ -70,6 +70,12 @@ class UptrainConfig:
                                    "decoder with the teacher's hidden states")
 
 
+def step_budget(max_steps: int | None, max_tokens: int | None, tokens_per_step: int) -> int | None:
+    """Optimizer steps the budget allows: the first of max_steps and max_tokens reached; None for time only."""
+    budgets = [b for b in (max_steps, math.ceil(max_tokens / tokens_per_step) if max_tokens else None) if b]
+    return min(budgets) if budgets else None
+
+
 def flag(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 

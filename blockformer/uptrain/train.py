@@ -28,7 +28,7 @@ from ..errors import BlockformerError
 from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_flags
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import UptrainConfig
+from .config import UptrainConfig, step_budget
 from .data import pack, read_documents
 from .losses import LayerTap, alignment_loss, teacher_align_layer, token_loss
 
@@ -182,9 +182,7 @@ def loop(cfg, acc, model, teacher, opt, data, state, folder):
     device = acc.device
     if teacher[0] is not None:
         teacher[0].to(device)
-    steps_for_tokens = math.ceil(cfg.max_tokens / (gb * cfg.seq_len)) if cfg.max_tokens else None
-    budgets = [b for b in (cfg.max_steps, steps_for_tokens) if b]  # a time budget alone has no step count
-    bar = tqdm(total=min(budgets) if budgets else None, initial=state["step"], disable=not acc.is_main_process,
+    bar = tqdm(total=step_budget(cfg.max_steps, cfg.max_tokens, gb * cfg.seq_len), initial=state["step"], disable=not acc.is_main_process,
                unit="step")
     t_start = time.perf_counter() - state["train_seconds"]
     params = [p for p in model.parameters() if p.requires_grad]
