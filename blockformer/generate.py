@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BlockformerError
-from .model import KVCache
+from .layers import KVCache
 
 
 @dataclass
