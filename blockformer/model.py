@@ -47,7 +47,11 @@ class BlockTransformerConfig(PretrainedConfig):
                  hidden_act="silu", parallel_residual=False, qkv_bias=False, o_bias=False, mlp_bias=False,
                  norm_bias=False, rope=None, learned_positions=False, max_position_embeddings=2048,
                  block_length=4, num_block_layers=2, num_token_layers=2, prefix_length=2,
-                 base_config=None, provenance=None, tie_word_embeddings=True, **kwargs):
+                 base_config=None, provenance=None, tie_word_embeddings=True,
+                 norm_offset=0.0, norm_placement="pre", shared_norm=False, qk_norm=None, attn_scale=None,
+                 attn_softcap=None, final_softcap=None, embedding_scale=None, lm_head_bias=False,
+                 rotary_interleaved=False, position_offset=0, block_windows=None, token_windows=None,
+                 local_rope=None, **kwargs):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -60,6 +64,22 @@ class BlockTransformerConfig(PretrainedConfig):
         self.block_length, self.prefix_length = block_length, prefix_length
         self.num_block_layers, self.num_token_layers = num_block_layers, num_token_layers
         self.base_config, self.provenance = base_config, provenance or {}
+        # family options (issue 12); each default is the Llama behaviour, so older folders load unchanged
+        self.norm_offset = norm_offset          # norms scale by (norm_offset + weight): Gemma stores w - 1
+        self.norm_placement = norm_placement    # pre | sandwich (Gemma 2/3: also after each branch) | post (OLMo2)
+        self.shared_norm = shared_norm          # parallel layers whose two branches read one norm (Phi, GPT-J)
+        self.qk_norm = qk_norm                  # None | head (one norm over head_dim) | full (over all heads,
+        #                                         OLMo2) | per_head (a norm per head, StableLM)
+        self.attn_scale = attn_scale            # softmax scale; None = head_dim ** -0.5 (Gemma 2/3, GPT-Neo differ)
+        self.attn_softcap, self.final_softcap = attn_softcap, final_softcap  # cap * tanh(x / cap) (Gemma 2)
+        self.embedding_scale = embedding_scale  # token embeddings times this (Gemma: sqrt(hidden_size))
+        self.lm_head_bias = lm_head_bias        # Phi, GPT-J
+        self.rotary_interleaved = rotary_interleaved  # GPT-J rotates channel pairs (0, 1), (2, 3), ...
+        self.position_offset = position_offset  # learned position index = position + offset (OPT: 2)
+        # per-layer sliding windows in tokens of the original (None = global); a query at q sees keys k with
+        # q - k < window. The block decoder applies ceil(window / block_length) blocks.
+        self.block_windows, self.token_windows = block_windows, token_windows
+        self.local_rope = local_rope            # rope parameters of windowed layers when they differ (Gemma 3)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
