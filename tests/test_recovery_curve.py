@@ -1,0 +1,60 @@
+"""bench/recovery_curve.py: the share of above-chance accuracy kept, checkpoint export, outputs and resume."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from blockformer.uptrain import UptrainConfig, uptrain
+from tiny import VOCAB, convert_tiny, load_block
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("recovery_curve", ROOT / "bench" / "recovery_curve.py")
+curve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(curve)
+
+
+def test_kept_is_the_share_of_the_originals_margin_over_chance():
+    original = {"piqa": {"acc": 0.62}, "arc_easy": {"acc": 0.45}, "wikitext": {"word_perplexity": 40.0}}
+    model = {"piqa": {"acc": 0.56}, "arc_easy": {"acc": 0.20}, "wikitext": {"word_perplexity": 400.0}}
+    k = curve.kept(model, original)
+    assert k["piqa"] == pytest.approx((56 - 50) / (62 - 50))
+    assert k["arc_easy"] == pytest.approx((20 - 25) / (45 - 25))          # below chance counts as negative
+    assert k["mean"] == pytest.approx((0.5 - 0.25) / 2) and "wikitext" not in k
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dirs, corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("curve")
+    convert_tiny(tiny_dirs["llama"], root / "block")
+    uptrain(UptrainConfig(str(root / "block"), str(corpus), root / "up", seq_len=32, batch_size=2, max_steps=2,
+                          save_every=1, eval_every=2, warmup_steps=1))
+    return root
+
+
+def test_an_exported_checkpoint_is_the_model_of_that_step(run):
+    folder = curve.export_checkpoint(run / "up" / "checkpoints" / "step-2", run / "block")
+    x = torch.randint(3, VOCAB, (2, 13))
+    torch.testing.assert_close(load_block(folder)(x).logits, load_block(run / "up" / "model")(x).logits,
+                               rtol=0, atol=0)
+    assert not torch.equal(load_block(folder)(x).logits, load_block(run / "block")(x).logits)
+
+
+def test_curve_writes_table_json_plot_and_resumes_without_rescoring(run, tiny_dirs, monkeypatch, tmp_path):
+    args = ["--original", str(tiny_dirs["llama"]), "--point", f"0={run / 'block'}",
+            "--point", f"64={run / 'up' / 'checkpoints' / 'step-1'}", "--tasks", "piqa,lambada_openai",
+            "--limit", "4", "--lambada-limit", "4", "--out", str(tmp_path)]
+    res = CliRunner().invoke(curve.main, args)
+    assert res.exit_code == 0, res.output
+    last = json.loads(res.output.strip().splitlines()[-1])
+    data = json.loads((tmp_path / "curve.json").read_text())["points"]
+    assert set(data) == {"original", "0 tokens", "64 tokens"} and (tmp_path / "curve.png").stat().st_size > 0
+    assert last["kept_mean"]["0 tokens"] == data["0 tokens"]["kept"]["mean"]
+    assert data["64 tokens"]["spec"].endswith("model-step-1") and "| 64 tokens | 64 |" in (tmp_path / "curve.md").read_text()
+    calls = []
+    monkeypatch.setattr(curve, "score", lambda *a, **k: calls.append(a) or {})
+    assert CliRunner().invoke(curve.main, args).exit_code == 0 and calls == []
