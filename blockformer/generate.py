@@ -9,7 +9,8 @@ what `forward(..., anchor=last prompt token)` computes). Then:
   2. per new block, the expansion layer turns the latest context embedding into the prefix, and the token decoder
      decodes the block's tokens one by one with a local cache of `prefix_length + L_B - 1` positions;
   3. the finished block is embedded and the block decoder advances by one step.
-All caches are allocated once per call and written in place.
+All caches are allocated once per call and written in place. Per-layer sliding windows apply as in the full forward:
+in blocks (ceil(window / L_B)) over the block decoder's cache, in positions over the token decoder's local window.
 """
 from __future__ import annotations
 
@@ -171,33 +172,41 @@ def _advance(model, block_tokens, state: _BlockState):
     state.valid[:, state.slot] = True
     S = state.slot + 1
     mask = state.valid[:, None, None, :S]                                  # (B, 1, 1, S)
-    rope = bd.rotary(state.next_pos, x.dtype) if bd.rotary is not None else None
-    x = bd.run_layers(x, rope, mask, (torch.tensor([state.slot], device=x.device), S))
+    # windows count slots: prompts are right-aligned, so slot distance = block distance for every real key
+    slots = torch.arange(S, device=x.device)[None]
+    masks = bd.masks(mask, slots[:, -1:], slots)
+    x = bd.run_layers(x, bd.ropes(state.next_pos, x.dtype), masks, (slots[0, -1:], S))
     state.slot += 1
     state.next_pos = state.next_pos + 1
     return x[:, -1]
 
 
 def _local_tables(td, T: int, dtype, device):
-    """Rope tables and causal masks of the token decoder's local window, computed once per call."""
+    """Rope tables and causal masks (per sliding window) of the token decoder's local window, once per call."""
     pos = torch.arange(T, device=device)[None]
-    rope = td.rotary(pos, dtype) if td.rotary is not None else None
-    masks = [torch.ones(1, 1, 1, t + 1, dtype=torch.bool, device=device) for t in range(T)]
-    return rope, masks
+    ropes = td.ropes(pos, dtype)
+    masks = [td.masks(torch.ones(1, 1, 1, t + 1, dtype=torch.bool, device=device), pos[:, t:t + 1], pos[:, :t + 1])
+             for t in range(T)]
+    return ropes, masks
 
 
 def _decode_block(model, ctx, local, n_tokens: int, sampling, gen):
     """Decode up to L_B tokens of the next block from the context embedding (B, D)."""
     td = model.token_decoder
-    rope, masks = local
+    ropes, masks = local
     x = td.prefix(ctx)                                                       # (B, p, D)
     toks, t = [], 0
     for k in range(n_tokens):
         T = x.shape[1]
-        r = None if rope is None else (rope[0][..., t:t + T, :], rope[1][..., t:t + T, :])
-        mask = torch.ones(1, 1, T, t + T, dtype=torch.bool, device=x.device).tril(t) if T > 1 else masks[t]
-        x = td.run_layers(x, r, mask, (torch.arange(t, t + T, device=x.device), t + T))
-        tok = next_token(model.lm_head(td.norm(x[:, -1])), sampling, gen)  # (B,)
+        r = {kind: None if rope is None else (rope[0][..., t:t + T, :], rope[1][..., t:t + T, :])
+             for kind, rope in ropes.items()}
+        if T > 1:  # the prefix: causal (and windowed) among its T positions
+            pos = torch.arange(t + T, device=x.device)[None]
+            m = td.masks(torch.ones(1, 1, T, t + T, dtype=torch.bool, device=x.device).tril(t), pos[:, t:], pos)
+        else:
+            m = masks[t]
+        x = td.run_layers(x, r, m, (torch.arange(t, t + T, device=x.device), t + T))
+        tok = next_token(model.logits(td.norm(x[:, -1])), sampling, gen)  # (B,)
         toks.append(tok)
         t += T
         if k + 1 < n_tokens:

@@ -17,39 +17,74 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMS norm scaled by `offset + weight`: Gemma stores w - 1 (offset 1), everyone else w (offset 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight, self.eps, self.offset = nn.Parameter(torch.ones(dim) - offset), eps, offset
 
     def forward(self, x):
         # float32 statistics, as every Llama-family reference does, so bf16 runs match them
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in float32, then casts (transformers PR 29402)
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-def make_norm(cfg: BlockTransformerConfig) -> nn.Module:
+def make_norm(cfg: BlockTransformerConfig, dim: int | None = None, bias: bool | None = None) -> nn.Module:
+    """The family's norm over `dim` channels (default: hidden size); q/k norms pass head sizes."""
+    dim = dim or cfg.hidden_size
     if cfg.norm_type == "rms":
-        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias if bias is None else bias)
+
+
+class PerHeadNorm(nn.Module):
+    """StableLM's qk_layernorm: a LayerNorm without bias per head, its gains stacked as `weight` (H, hd)."""
+
+    def __init__(self, cfg: BlockTransformerConfig, n_heads: int):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(n_heads, cfg.head_dim)), cfg.norm_eps
+
+    def forward(self, x):  # (B, H, T, hd)
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight[:, None, :]
+
+
+def make_qk_norms(cfg: BlockTransformerConfig):
+    """(q_norm, k_norm) of `cfg.qk_norm`: head = one norm over head_dim shared by the heads (Qwen3, Gemma 3, Phi);
+    full = over all heads' channels before the head split (OLMo2); per_head = a norm per head (StableLM)."""
+    nq, nk, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if cfg.qk_norm is None:
+        return None, None
+    if cfg.qk_norm == "head":
+        return make_norm(cfg, hd), make_norm(cfg, hd)
+    if cfg.qk_norm == "full":
+        return make_norm(cfg, nq * hd), make_norm(cfg, nk * hd)
+    if cfg.qk_norm == "per_head":
+        return PerHeadNorm(cfg, nq), PerHeadNorm(cfg, nk)
+    raise ValueError(f"unknown qk_norm {cfg.qk_norm!r}")
 
 
 class Rotary(nn.Module):
     """cos/sin tables for rotary embeddings; `rotary_dim` may cover only part of a head (GPT-NeoX)."""
 
-    def __init__(self, cfg: BlockTransformerConfig):
+    def __init__(self, cfg: BlockTransformerConfig, local: bool = False):
         super().__init__()
-        inv_freq, self.scale = rope_inv_freq(cfg)
+        self.local = local  # tables of `cfg.local_rope` (windowed layers of Gemma 3)
+        inv_freq, self.scale = rope_inv_freq(cfg, local)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleaved = cfg.rotary_interleaved
 
     def forward(self, pos: torch.Tensor, dtype):  # pos: (B, T) -> cos, sin: (B, 1, T, rotary_dim)
         freqs = pos[..., None].float() * self.inv_freq.to(pos.device)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        # GPT-J rotates channel pairs (2i, 2i+1): frequency i repeats in place instead of in two halves
+        emb = (freqs.repeat_interleave(2, -1) if self.interleaved else torch.cat((freqs, freqs), dim=-1))[:, None]
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
-def rope_inv_freq(cfg: BlockTransformerConfig):
-    rope = cfg.rope
+def rope_inv_freq(cfg: BlockTransformerConfig, local: bool = False):
+    rope = cfg.local_rope if local else cfg.rope
     dim = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0))
     if rope.get("rope_type", "default") == "default":
         return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
@@ -57,14 +92,20 @@ def rope_inv_freq(cfg: BlockTransformerConfig):
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     base = AutoConfig.for_model(**cfg.base_config)
+    if "full_attention" in (getattr(base, "rope_parameters", None) or {}):  # rope per layer type (Gemma 3)
+        return ROPE_INIT_FUNCTIONS[rope["rope_type"]](base, layer_type="sliding_attention" if local else
+                                                      "full_attention")
     return ROPE_INIT_FUNCTIONS[rope["rope_type"]](base)
 
 
-def apply_rotary(x, cos, sin):  # x: (B, H, T, hd); rotates the first rotary_dim channels
+def apply_rotary(x, cos, sin, interleaved=False):  # x: (B, H, T, hd); rotates the first rotary_dim channels
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2:]
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if interleaved:  # GPT-J: pairs (2i, 2i+1) -> (-x_{2i+1}, x_{2i})
+        turned = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        turned = torch.cat((-x_rot[..., rd // 2:], x_rot[..., : rd // 2]), dim=-1)
+    rotated = x_rot * cos + turned * sin
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
@@ -92,19 +133,42 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.cache: KVCache | None = None
+        self.interleaved = cfg.rotary_interleaved
+        self.q_norm, self.k_norm = make_qk_norms(cfg)
+        self.qk_full = cfg.qk_norm == "full"
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.hd ** -0.5
+        self.softcap = cfg.attn_softcap
 
     def forward(self, x, rope, mask, cache_at=None):  # x: (B, T, D); mask: (B, 1, T, S) bool, True = attend
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, H_kv, T, hd)
-        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.qk_full:  # OLMo2: over all heads' channels, before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, H_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None and not self.qk_full:  # over head_dim (head) or one norm per head (per_head)
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = apply_rotary(q, *rope, self.interleaved), apply_rotary(k, *rope, self.interleaved)
         if cache_at is not None:  # (slots to write, slots to attend): generation's preallocated cache
             k, v = self.cache.update(cache_at[0], k, v)
             k, v = k[:, :, : cache_at[1]], v[:, :, : cache_at[1]]        # (B, H_kv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+def softcapped_attention(q, k, v, mask, scale: float, cap: float):
+    """Eager attention whose scores become cap * tanh(scores / cap) before the mask (Gemma 2); SDPA cannot cap."""
+    rep = q.shape[1] // k.shape[1]  # grouped-query heads: query head h reads kv head h // rep
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    s = (cap * torch.tanh(s / cap)).masked_fill(~mask, float("-inf"))
+    return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -124,36 +188,76 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: BlockTransformerConfig):
+    def __init__(self, cfg: BlockTransformerConfig, window: int | None = None, local: bool = False):
         super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+        # this layer's sliding window (in its stack's positions; None = global) and rope tables (local or global)
+        self.window, self.local = window, local
+        pre, post = cfg.norm_placement != "post", cfg.norm_placement in ("sandwich", "post")
+        self.norm1, self.attn, self.mlp = make_norm(cfg) if pre else nn.Identity(), Attention(cfg), MLP(cfg)
+        # Phi, GPT-J, Falcon-7B: the parallel branches read one norm, so there is no second one
+        self.norm2 = None if cfg.parallel_residual and cfg.shared_norm else make_norm(cfg) if pre else nn.Identity()
+        # Gemma 2/3 (sandwich) and OLMo2 (post): each branch's output is normalised before the residual add
+        self.post_norm1, self.post_norm2 = (make_norm(cfg), make_norm(cfg)) if post else (nn.Identity(), nn.Identity())
         self.parallel = cfg.parallel_residual
 
     def forward(self, x, rope, mask, cache_at=None):
-        a = self.attn(self.norm1(x), rope, mask, cache_at)
+        h = self.norm1(x)
+        a = self.post_norm1(self.attn(h, rope, mask, cache_at))
         if self.parallel:  # GPT-NeoX: both branches read the same input
-            return x + a + self.mlp(self.norm2(x))
+            return x + a + self.post_norm2(self.mlp(h if self.norm2 is None else self.norm2(x)))
         x = x + a
-        return x + self.mlp(self.norm2(x))
+        return x + self.post_norm2(self.mlp(self.norm2(x)))
 
 
 class Stack(nn.Module):
     """Decoder layers plus the position scheme of the family (rotary or learned absolute)."""
 
-    def __init__(self, cfg: BlockTransformerConfig, n_layers: int):
+    def __init__(self, cfg: BlockTransformerConfig, n_layers: int, windows: list | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(n_layers))
+        windows = list(windows or [None] * n_layers)  # per layer, in this stack's positions
+        if len(windows) != n_layers:
+            raise ValueError(f"{len(windows)} sliding windows for {n_layers} layers")
+        local = bool(cfg.rope and cfg.local_rope)      # windowed layers use their own rope (Gemma 3)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w, local and w is not None) for w in windows)
         self.rotary = Rotary(cfg) if cfg.rope else None
-        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.learned_positions else None
+        self.local_rotary = Rotary(cfg, local=True) if local and any(w is not None for w in windows) else None
+        self.wpe = Positions(cfg) if cfg.learned_positions else None
 
     def run(self, x, pos, mask, cache_at=None):  # x: (B, T, D); pos: (B, T)
-        rope = self.rotary(pos, x.dtype) if self.rotary is not None else None
-        return self.run_layers(x, rope, mask, cache_at)
+        return self.run_layers(x, self.ropes(pos, x.dtype), self.masks(mask, pos, pos), cache_at)
 
-    def run_layers(self, x, rope, mask, cache_at=None):
+    def ropes(self, pos, dtype) -> dict:
+        """{local?: (cos, sin) or None}: the rope tables of global and windowed layers at positions `pos`."""
+        return {False: self.rotary(pos, dtype) if self.rotary is not None else None,
+                True: self.local_rotary(pos, dtype) if self.local_rotary is not None else None}
+
+    def masks(self, mask, qpos, kpos) -> dict:
+        """{window: mask}: `mask` (B, 1, T, S) narrowed to q - k < window, once per distinct window (not per layer).
+
+        qpos (B or 1, T) and kpos (B or 1, S) are the positions of queries and keys; the diagonal stays open."""
+        out = {None: mask}
+        for w in {layer.window for layer in self.layers} - {None}:
+            out[w] = mask & ((qpos[:, None, :, None] - kpos[:, None, None, :]) < w)
+        return out
+
+    def run_layers(self, x, ropes: dict, masks: dict, cache_at=None):
         for layer in self.layers:
-            x = layer(x, rope, mask, cache_at)
+            x = layer(x, ropes[layer.local], masks[layer.window], cache_at)
         return x
+
+
+class Positions(nn.Embedding):
+    """Learned absolute positions; position p reads row p + position_offset (OPT keeps 2 unused rows first)."""
+
+    def __init__(self, cfg: BlockTransformerConfig):
+        self.offset = cfg.position_offset
+        super().__init__(cfg.max_position_embeddings + self.offset, cfg.hidden_size)
+
+    def forward(self, pos):
+        return super().forward(pos + self.offset)
+
+    def rows(self, start: int, n: int):  # positions start .. start + n - 1
+        return self.weight[self.offset + start: self.offset + start + n]
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:

@@ -91,14 +91,21 @@ class Embedder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.proj = nn.Linear(cfg.block_length * cfg.hidden_size, cfg.hidden_size)
+        self.scale = cfg.embedding_scale
 
     def forward(self, blocks, block_tok_mask):  # (B, N, L_B) ids and bool mask -> (B, N, D)
-        e = self.embed(blocks) * block_tok_mask[..., None].to(self.embed.weight.dtype)  # (B, N, L_B, D)
+        e = scaled_lookup(self.embed, blocks, self.scale)
+        e = e * block_tok_mask[..., None].to(self.embed.weight.dtype)  # (B, N, L_B, D)
         return self.proj(e.flatten(-2))
 
 
 class BlockDecoder(Stack):
     """Causal self-attention over block vectors; its output for block i is the context embedding of block i+1."""
+
+    def __init__(self, cfg: BlockTransformerConfig, n_layers: int):
+        # a window of w tokens becomes ceil(w / L_B) blocks: with L_B = 1 it is the original's window exactly
+        L = cfg.block_length
+        super().__init__(cfg, n_layers, [None if w is None else -(-w // L) for w in cfg.block_windows or []])
 
     def forward(self, x, block_mask, cache_at=None):  # x: (B, N, D); block_mask: (B, N) bool
         pos = (block_mask.long().cumsum(-1) - 1).clamp(min=0)  # real-block index: left padding is invisible
@@ -111,19 +118,20 @@ class TokenDecoder(Stack):
     """Decodes block i+1 from [prefix(context_i), tokens of block i+1]; attention stays inside that window."""
 
     def __init__(self, cfg: BlockTransformerConfig, n_layers: int):
-        super().__init__(cfg, n_layers)
+        super().__init__(cfg, n_layers, cfg.token_windows)  # windows in local positions (prefix included)
         self.p = cfg.prefix_length
         self.expand = nn.Linear(cfg.hidden_size, self.p * cfg.hidden_size)  # init: stacked identities
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = make_norm(cfg)
+        self.scale = cfg.embedding_scale
 
     def prefix(self, ctx):  # (..., D) -> (..., p, D)
         return self.expand(ctx).unflatten(-1, (self.p, -1))
 
     def embed_tokens(self, ids, offset: int):  # ids: (B', T) local ids starting at local position `offset`
-        x = self.embed(ids)
+        x = scaled_lookup(self.embed, ids, self.scale)
         if self.wpe is not None:  # absolute positions go on token inputs only: prefixes are residual states
-            x = x + self.wpe.weight[offset: offset + ids.shape[1]]
+            x = x + self.wpe.rows(offset, ids.shape[1])
         return x
 
     def forward(self, ctx, nxt, nxt_mask):  # ctx: (B, N, D); nxt: (B, N, L_B-1) ids of the next block
@@ -149,7 +157,7 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         self.embedder = Embedder(config)
         self.block_decoder = BlockDecoder(config, config.num_block_layers)
         self.token_decoder = TokenDecoder(config, config.num_token_layers)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
         init_mean_projection(self.embedder)  # after post_init, which would overwrite them with noise
         init_identity_expansion(self.token_decoder)
@@ -184,13 +192,13 @@ class BlockTransformerForCausalLM(PreTrainedModel):
     def _init_weights(self, module):
         std = 0.02
         if isinstance(module, Rotary):  # non-persistent: rebuilt after from_pretrained's meta-device load
-            module.inv_freq.copy_(rope_inv_freq(self.config)[0])
+            module.inv_freq.copy_(rope_inv_freq(self.config, module.local)[0])
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-            nn.init.ones_(module.weight)
+            nn.init.constant_(module.weight, 1.0 - getattr(module, "offset", 0.0))  # scale 1 (Gemma stores w - 1)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
@@ -204,11 +212,15 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         """
         if return_hidden:
             return CausalLMOutput(hidden_states=self.final_hidden(input_ids, attention_mask, anchor, True))
-        logits = self.lm_head(self.final_hidden(input_ids, attention_mask, anchor))   # (B, T, V)
+        logits = self.logits(self.final_hidden(input_ids, attention_mask, anchor))   # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def logits(self, h):
+        """LM head on final hidden states, then Gemma 2's final soft-cap (cap * tanh(logits / cap)) if any."""
+        return output_head(self)(h)
 
     def final_hidden(self, input_ids, attention_mask=None, anchor=None, with_context=False):
         """Normalised last hidden states (B, T, D), ready for `lm_head`."""
@@ -224,6 +236,24 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         idx = (torch.arange(input_ids.shape[1], device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
         h = self.token_decoder.norm(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))  # (B, T, D)
         return (h, ctx, shift) if with_context else h
+
+
+def scaled_lookup(embed: nn.Embedding, ids, scale):
+    """Token vectors times the family's embedding scale (Gemma: sqrt(D), cast to the weights' dtype as HF does)."""
+    e = embed(ids)
+    return e if scale is None else e * torch.tensor(scale, dtype=e.dtype, device=e.device)
+
+
+def output_head(model):
+    """Final hidden states -> logits, for a Block Transformer or a Hugging Face model of a supported family.
+
+    The LM head, then the final soft-cap (cap * tanh(logits / cap)) where the family has one (Gemma 2): losses and
+    scores computed from hidden states in chunks must apply it as the model's own forward does. Works on wrapped
+    (LoRA) models too: it reads only the config and the output embeddings."""
+    c = model.config
+    cap = c.final_softcap if c.model_type == "block_transformer" else getattr(c, "final_logit_softcapping", None)
+    head = model.get_output_embeddings()
+    return head if cap is None else (lambda h: cap * torch.tanh(head(h) / cap))
 
 
 def align_to_blocks(input_ids, mask, L: int, anchor=None):

@@ -78,7 +78,30 @@ def load_config(src: Source):
     try:
         return AutoConfig.from_pretrained(src.path, **src.kwargs())
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs one line
-        raise BlockformerError(f"could not read the config of {src.spec}: {first_line(e)}") from e
+        hint = f" (GGUF files of these families convert: {', '.join(gguf_families())})" if src.gguf_file else ""
+        raise BlockformerError(f"could not read the config of {src.spec}: {first_line(e)}{hint}") from e
+
+
+def gguf_families() -> list[str]:
+    """The supported families whose GGUF files transformers' GGUF reader can load."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from .families import FAMILIES
+    readable = set(GGUF_SUPPORTED_ARCHITECTURES) | {a + "_text" for a in GGUF_SUPPORTED_ARCHITECTURES}  # gemma3
+    return [f for f in FAMILIES if f in readable]
+
+
+# what a tokenizer may be made of (transformers' file names); a folder holding none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def tokenizer_files(src: Source) -> list[Path]:
+    """The tokenizer files of a local folder source (none for hub ids; a GGUF file holds its own tokenizer)."""
+    if src.kind != "folder":
+        return []
+    return [Path(src.path) / n for n in TOKENIZER_FILES if (Path(src.path) / n).is_file()]
 
 
 def load_tokenizer(src: Source):
@@ -86,6 +109,9 @@ def load_tokenizer(src: Source):
     try:
         return AutoTokenizer.from_pretrained(src.path, **src.kwargs())
     except Exception as e:  # noqa: BLE001
+        if src.kind == "folder" and not any((Path(src.path) / n).is_file() for n in _VOCAB_FILES):
+            raise BlockformerError(f"{src.spec} has no tokenizer (none of {', '.join(_VOCAB_FILES)}); copy the "
+                                   f"original model's tokenizer files into it") from e
         raise BlockformerError(f"could not load the tokenizer of {src.spec}: {first_line(e)}") from e
 
 
@@ -104,5 +130,6 @@ def load_model(src: Source, dtype=None):
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    """The error as one line: a message spread over lines is joined, not cut after its first line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297].rsplit(" ", 1)[0] + " ..."

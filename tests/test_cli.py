@@ -44,10 +44,9 @@ def test_folder_that_is_not_a_model(tmp_path):
 
 
 def test_unsupported_family(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
-    OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                             ffn_dim=32, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
-    one_error_line(run("convert", tmp_path / "opt", tmp_path / "out"), "unsupported architecture 'opt'", "llama")
+    from transformers import BloomConfig, BloomForCausalLM  # ALiBi positions: none of the supported families
+    BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=16, n_layer=2, n_head=2)).save_pretrained(tmp_path / "m")
+    one_error_line(run("convert", tmp_path / "m", tmp_path / "out"), "unsupported architecture 'bloom'", "llama")
     assert not (tmp_path / "out").exists()
 
 
@@ -95,3 +94,49 @@ def test_summary_json_written(tiny_dirs, tmp_path):
     run("convert", tiny_dirs["gpt2"], tmp_path / "out")
     s = json.loads((tmp_path / "out" / "convert.json").read_text())
     assert s["family"] == "gpt2" and s["block_layers_from"] == [0, 1] and s["token_layers_from"] == [2, 3]
+
+
+# ------------------------------------------------------------------ a source without a tokenizer (issue 12)
+def test_convert_without_tokenizer_warns_and_writes_a_complete_folder(tmp_path):
+    """The tokenizer is not needed to convert: one warning line, the model folder is complete and runs."""
+    src = tmp_path / "src"
+    build_original("llama").save_pretrained(src)
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no tokenizer" in warnings[0] and warnings[0].rstrip().endswith("."), r.stderr
+    assert "Traceback" not in r.output and "wrote" in r.stdout
+    model = load_block(tmp_path / "out")
+    assert torch.isfinite(model(torch.randint(3, 90, (2, 9))).logits).all()
+    assert json.loads((tmp_path / "out" / "convert.json").read_text())["tokenizer"] is None
+    assert "tokenizer: none" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_contextual_init_without_tokenizer_is_one_line(tmp_path):
+    src = tmp_path / "src"
+    build_original("llama").save_pretrained(src)
+    one_error_line(run("convert", src, tmp_path / "out", "--init", "contextual"), "--init contextual", "no tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_copies_the_tokenizer_files_that_exist(tmp_path):
+    """A partial tokenizer (config without vocabulary) cannot be loaded, but what exists is copied as it is."""
+    src = tmp_path / "src"
+    build_original("llama").save_pretrained(src)
+    (src / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
+    load_block(tmp_path / "out")
+
+
+@pytest.mark.parametrize("command", [["generate", "{out}", "w5 w6"], ["eval", "{out}", "--tasks", "piqa",
+                                                                       "--limit", "2"]])
+def test_folder_without_tokenizer_is_one_clear_line_later(tmp_path, command):
+    src = tmp_path / "src"
+    build_original("llama").save_pretrained(src)
+    assert run("convert", src, tmp_path / "out").exit_code == 0
+    r = run(*[c.format(out=tmp_path / "out") for c in command])
+    one_error_line(r, "no tokenizer", str(tmp_path / "out"))
+    line = [x for x in r.output.splitlines() if x.startswith("error:")][0]
+    assert not line.rstrip().endswith(":"), line  # a complete sentence, not one cut after its first line

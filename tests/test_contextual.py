@@ -102,3 +102,22 @@ def test_bad_init_options_are_one_line(tiny_dirs, tmp_path, kw, msg):
     errors = [x for x in r.output.splitlines() if x.startswith("error:")]
     assert r.exit_code == 1 and len(errors) == 1 and "missing.txt" in errors[0] and "Traceback" not in r.output
     assert "Loading weights" not in r.output  # refused before the model is loaded
+
+
+def test_contextual_lookups_are_the_mean_states_for_a_family_that_scales_embeddings(notes, tmp_path):
+    """Gemma multiplies token lookups by sqrt(D): the stored table is the states divided by it."""
+    from tiny import build_original_a
+    src = tmp_path / "gemma"
+    build_original_a("gemma").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    contextual(src, tmp_path / "ctx", notes)
+    orig, blk = load_original(src), load_block(tmp_path / "ctx")
+    assert blk.config.embedding_scale and blk.config.embedding_scale != 1
+    rows = calibration_rows(tiny_tokenizer(), str(notes), 512, 256)
+    with torch.no_grad():
+        h = torch.cat([orig(input_ids=r[None], output_hidden_states=True).hidden_states[blk.config.num_block_layers]
+                       for r in rows])
+        ids, flat = rows.flatten(), h.flatten(0, 1)
+        v = int(ids[5])
+        looked_up = blk.token_decoder.embed_tokens(torch.tensor([[v]]), blk.config.prefix_length)[0, 0]
+    torch.testing.assert_close(looked_up, flat[ids == v].mean(0), rtol=1e-4, atol=1e-4)

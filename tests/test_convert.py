@@ -248,14 +248,23 @@ def test_block_window_longer_than_the_models_positions_is_refused(tiny_dirs, tmp
     assert model(x).logits.shape == (1, 256, 96)
 
 
-@pytest.mark.parametrize("family,overrides,option", [
-    ("mistral", {"sliding_window": 8}, "sliding_window=8"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}, "use_sliding_window")])
-def test_sliding_window_models_are_refused(tmp_path, family, overrides, option):
+@torch.no_grad()
+@pytest.mark.parametrize("family,overrides,windows", [
+    ("mistral", {"sliding_window": 8}, [8] * 4),                                      # every layer slides
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}, [None, None, 8, 8])])
+def test_sliding_window_models_convert_exactly(tmp_path, family, overrides, windows):
+    """A window that bites (8 of 48 positions) maps to per-layer windows, and the degenerate split stays exact."""
     src = save_tiny(family, tmp_path / "src", **overrides)
-    with pytest.raises(BlockformerError, match=option) as e:
-        convert(ConvertConfig(str(src), tmp_path / "b", block_length=1, block_layers=4))
-    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+    block = convert_tiny(src, tmp_path / "b", block_length=1, block_layers=4)
+    assert block.config.block_windows == windows
+    x = torch.randint(3, 96, (2, 48), generator=torch.Generator().manual_seed(0))
+    ref = load_original(src)(x).logits
+    assert_close(block(x).logits, ref, rtol=1e-5, atol=1e-5)
+    from transformers import AutoConfig
+    unwindowed = AutoConfig.from_pretrained(src)
+    unwindowed.sliding_window, unwindowed.layer_types = None, ["full_attention"] * 4
+    global_ = AutoModelForCausalLM.from_pretrained(src, config=unwindowed, dtype=torch.float32).eval()
+    assert not torch.allclose(ref, global_(x).logits, atol=1e-3)  # the window really bites
 
 
 @torch.no_grad()

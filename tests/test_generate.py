@@ -103,3 +103,39 @@ def test_bad_generation_arguments(model, kw, msg):
 def test_empty_prompt(model):
     with pytest.raises(BlockformerError, match="empty prompt"):
         model.generate(torch.tensor([[0, 0]]), attention_mask=torch.tensor([[0, 0]]), max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------- sliding windows (issue 12)
+@pytest.fixture
+def windowed(tmp_path):
+    """Mistral with a 3-token window in every layer, L_B = 4: the block decoder sees ceil(3 / 4) = 1 block (its
+    own) and the token decoder's 5 local positions (prefix 2 + 3 tokens) slide too."""
+    from test_convert import save_tiny
+    src = save_tiny("mistral", tmp_path / "src", sliding_window=3)
+    model = perturb_new_parts(convert_tiny(src, tmp_path / "b", block_length=4, prefix_length=2))
+    assert model.config.block_windows == [3, 3] and model.config.token_windows == [3, 3]
+    return model
+
+
+@torch.no_grad()
+def test_windows_bite_in_both_decoders(windowed):
+    from blockformer.model import BlockTransformerForCausalLM
+    x = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+    for part in ("block_windows", "token_windows"):
+        cfg = windowed.config.to_dict()
+        cfg[part] = None
+        unwindowed = BlockTransformerForCausalLM(type(windowed.config).from_dict(cfg)).eval()
+        unwindowed.load_state_dict(windowed.state_dict())
+        assert not torch.allclose(unwindowed(x).logits, windowed(x).logits, atol=1e-4), part
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_len", [1, 6, 13])
+def test_windowed_greedy_equals_forward_argmax(windowed, prompt_len):
+    prompt = torch.randint(3, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out = windowed.generate(prompt, max_new_tokens=18, eos_token_id=None)
+    assert torch.equal(out, argmax_reference(windowed, prompt, 18))
+
+
+def test_windowed_batch_equals_one_by_one(windowed):
+    test_batch_equals_one_by_one(windowed)  # left-padded rows: windows count real blocks only

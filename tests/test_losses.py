@@ -129,3 +129,33 @@ def test_teacher_logits_are_not_kept_alive_until_backward():
     assert refs and all(r() is None for r in refs)  # each chunk's teacher logits were freed with the chunk
     loss.backward()
     assert torch.isfinite(h.grad).all()
+
+
+def test_losses_and_scores_apply_the_final_softcap_of_student_and_teacher(tmp_path):
+    """Gemma 2 caps its logits: chunked losses from hidden states must equal the models' own forward."""
+    from blockformer.convert import ConvertConfig, convert
+    from blockformer.eval.scoring import Scorer
+    from blockformer.model import output_head
+    from blockformer.uptrain.losses import token_loss
+    from tiny import build_original_a, load_block, load_original, tiny_tokenizer
+    src = tmp_path / "g2"
+    build_original_a("gemma2").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    convert(ConvertConfig(str(src), tmp_path / "blk", block_length=4))
+    orig, blk = load_original(src), load_block(tmp_path / "blk")
+    ids = torch.randint(3, 96, (2, 21))
+    with torch.no_grad():
+        for model, h in ((blk, blk(ids, return_hidden=True).hidden_states[0]),
+                         (orig, orig.base_model(input_ids=ids).last_hidden_state)):
+            logits = model(ids).logits
+            assert logits.abs().max() <= 3.0  # the cap bites
+            loss, n = token_loss(h, ids, output_head(model))
+            want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+        tok = tiny_tokenizer()
+        ctx, cont = "w5 w6 w7 w8 w9", " w10 w11"
+        (ll, _), = Scorer(orig, tok).loglikelihood([(ctx, cont)])
+        full = torch.tensor([tok.encode(ctx + cont)])
+        lp = torch.log_softmax(orig(full).logits[0, :-1], -1)
+        want = lp[-2:].gather(1, full[0, -2:, None]).sum().item()
+        assert abs(ll - want) < 1e-4

@@ -29,6 +29,10 @@ def tiny_config(family: str):
                              tie_word_embeddings=False, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
+    if family.split(":")[0] in NEW_FAMILIES_B:
+        return tiny_config_b(family)
+    if family in NEW_FAMILIES_A:
+        return tiny_config_a(family)
     raise ValueError(family)
 
 
@@ -126,3 +130,99 @@ def save_with_other_tokenizer(src, dst):
     tok.add_tokens(["zzz"])
     tok.save_pretrained(dst)
     return dst
+
+
+# ------------------------------------------------------------------ issue 12, helper B: fused/parallel/positional
+NEW_FAMILIES_B = ["phi3", "phi", "stablelm", "opt", "falcon", "gptj", "gpt_neo"]
+# each family's layouts worth telling apart ("family:variant"); windows of 8 so that 48 positions slide
+VARIANTS_B = ["phi3", "phi", "phi:qk_layernorm", "stablelm", "stablelm:parallel", "opt", "falcon",
+              "falcon:new_arch", "falcon:sequential", "gptj", "gpt_neo"]
+
+
+def tiny_config_b(name: str):
+    """Tiny configs of helper B's families; `name` is a family or "family:variant" (see VARIANTS_B)."""
+    from transformers import (FalconConfig, GPTJConfig, GPTNeoConfig, OPTConfig, PhiConfig, Phi3Config,
+                              StableLmConfig)
+    family, _, variant = name.partition(":")
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dims = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256, **common)
+    if family == "phi3":
+        return Phi3Config(**dims, intermediate_size=64, num_key_value_heads=2, sliding_window=8,
+                          tie_word_embeddings=False)
+    if family == "phi":
+        return PhiConfig(**dims, intermediate_size=64, num_key_value_heads=2, partial_rotary_factor=0.5,
+                         qk_layernorm=variant == "qk_layernorm", tie_word_embeddings=False)
+    if family == "stablelm":
+        par = variant == "parallel"
+        return StableLmConfig(**dims, intermediate_size=64, num_key_value_heads=2, partial_rotary_factor=0.25,
+                              use_qkv_bias=par, qk_layernorm=par, use_parallel_residual=par,
+                              tie_word_embeddings=False)
+    if family == "opt":
+        return OPTConfig(**dims, ffn_dim=64, word_embed_proj_dim=32, tie_word_embeddings=True)
+    if family == "falcon":  # default: Falcon-7B's multi-query parallel layout
+        arch = {"new_arch": dict(new_decoder_architecture=True, num_kv_heads=2, bias=False),
+                "sequential": dict(multi_query=False, parallel_attn=False, bias=True)}.get(variant, {})
+        return FalconConfig(**dims, ffn_hidden_size=64, tie_word_embeddings=False, **arch)
+    if family == "gptj":
+        return GPTJConfig(n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=256, n_inner=64,
+                          tie_word_embeddings=False, **common)
+    if family == "gpt_neo":
+        return GPTNeoConfig(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64, window_size=8,
+                            attention_types=[[["global", "local"], 2]], max_position_embeddings=256, **common)
+    raise ValueError(name)
+
+
+def build_original_b(name: str, seed: int = 0):
+    """A tiny original of `name` with EVERY weight moved away from its init (norm gains and biases too)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config_b(name), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.dim() >= 2 else 0.2))
+    return model.eval()
+
+
+# ------------------------------------------------------------------ issue 12, helper A: norms, attention, windows
+NEW_FAMILIES_A = ["qwen3", "olmo2", "gemma", "gemma2", "gemma3_text", "mistral_window", "qwen2_window",
+                  "qwen3_window"]
+WINDOW = 8  # tiny sliding window: tests run 40+ positions, so it really masks
+
+
+def tiny_config_a(name: str):
+    """Tiny configs of helper A's families; `*_window` are the older families with a sliding window that bites."""
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Olmo2Config,
+                              Qwen2Config, Qwen3Config)
+    base = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256)
+    gemma = dict(base, head_dim=16, tie_word_embeddings=True)  # head_dim != hidden / heads, as in real Gemmas
+    window = dict(sliding_window=WINDOW, tie_word_embeddings=False)
+    configs = {
+        "qwen3": lambda: Qwen3Config(**base, head_dim=16, attention_bias=True, tie_word_embeddings=False),
+        "olmo2": lambda: Olmo2Config(**base, attention_bias=True, tie_word_embeddings=False),
+        "gemma": lambda: GemmaConfig(**gemma),
+        # softcaps small enough to bite on the perturbed weights; query_pre_attn_scalar != head_dim
+        "gemma2": lambda: Gemma2Config(**gemma, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+        # alternating local/global layers; global rope linearly scaled, local rope with its own base
+        "gemma3_text": lambda: Gemma3TextConfig(
+            **gemma, query_pre_attn_scalar=24, sliding_window=WINDOW, sliding_window_pattern=2,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+        "mistral_window": lambda: MistralConfig(**base, **window),
+        "qwen2_window": lambda: Qwen2Config(**base, **window, use_sliding_window=True, max_window_layers=2),
+        "qwen3_window": lambda: Qwen3Config(**base, **window, use_sliding_window=True, max_window_layers=1),
+    }
+    return configs[name]()
+
+
+def build_original_a(name: str):
+    """`build_original`, with every weight moved away from its init: norm weights too (Gemma stores w - 1)."""
+    model = build_original(name)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1 and "bias" not in pname:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model

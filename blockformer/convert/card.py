@@ -31,6 +31,13 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
+def _tokenizer(s: dict) -> str:
+    if s.get("tokenizer", "copied") == "copied":
+        return "the original's, copied"
+    return ("none: the source had no loadable tokenizer (its tokenizer files, if any, are copied as they were); "
+            "put one here before eval, uptrain or generate")
+
+
 def model_card(s: dict) -> str:
     p = s["parameters"]
     rows = "\n".join(f"| {k} | {v:,} |" for k, v in p.items())
@@ -55,6 +62,7 @@ model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_FOLDER")
 - layer map: `{s['layer_map']}`; block decoder <- original layers {_layers(s['block_layers_from'])};
   token decoder <- original layers {_layers(s['token_layers_from'])}
 - dtype: {s['dtype']}
+- tokenizer: {_tokenizer(s)}
 - initialisation: embedder table, token-decoder embeddings, final norm and LM head copied from the original;
   embedder projection = mean of the block's token vectors; expansion layer = stacked identities.
 

@@ -133,7 +133,9 @@ def apply_contextual(model, stats: SplitStats) -> None:
     if model.config.tie_word_embeddings:  # keep the original output embeddings in the head
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    td.embed.weight.copy_(contextual_table(td.embed.weight, stats).to(dtype))
+    table = contextual_table(td.embed.weight, stats)
+    scale = model.config.embedding_scale  # Gemma multiplies every lookup: store states / scale so lookups are states
+    td.embed.weight.copy_((table if scale is None else table / torch.tensor(scale, dtype=dtype).double()).to(dtype))
     D = td.embed.weight.shape[1]
     td.expand.weight[:D] = 0  # slot 0: a constant sink, whatever the context
     td.expand.bias[:D] = stats.first.to(dtype)

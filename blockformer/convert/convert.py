@@ -10,6 +10,9 @@ head <- original, decoder layers per the layer map.
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +91,7 @@ def convert(cfg: ConvertConfig) -> dict:
     check_window_fits(cfg, max_positions(hf_cfg, arch))
     ensure_writable(Path(cfg.out))  # a read-only or full disk fails now, not after loading the model
     calib = read_calibration(cfg.calib_data) if cfg.init == "contextual" else None
-    tokenizer = sources.load_tokenizer(src)
+    tokenizer = optional_tokenizer(src, needed=cfg.init == "contextual")
     original = sources.load_model(src, DTYPES[cfg.dtype])
     config = block_config(cfg, hf_cfg, arch, src, block_src, token_src)
     model = build_block_model(original, fam, config, arch, block_src, token_src)
@@ -96,15 +99,32 @@ def convert(cfg: ConvertConfig) -> dict:
     if cfg.init == "contextual":
         init = contextual_init(model, original, fam, tokenizer, cfg.calib_data, calib, cfg.calib_tokens)
     model.config.provenance["init"] = init
-    summary = {**describe(model, original, cfg, src, time.perf_counter() - t0), **init}
+    summary = {**describe(model, original, cfg, src, time.perf_counter() - t0), **init,
+               "tokenizer": "copied" if tokenizer is not None else None}
     with atomic_folder(Path(cfg.out), cfg.overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:  # whatever pieces exist travel with the model, untouched
+            for f in sources.tokenizer_files(src):
+                shutil.copy2(f, tmp / f.name)
         original.generation_config.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(summary))
         (tmp / "convert.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def optional_tokenizer(src, needed: bool):
+    """The source's tokenizer, or None with one warning line: converting needs only the weights."""
+    try:
+        return sources.load_tokenizer(src)
+    except BlockformerError as e:
+        if needed:
+            raise BlockformerError(f"--init contextual reads calibration text, which needs a tokenizer: {e}") from e
+        print(f"warning: converting without a tokenizer ({e}); the output folder gets no loadable tokenizer, so "
+              f"eval, uptrain and generate need one copied into it first.", file=sys.stderr)
+        return None
 
 
 def max_positions(hf_cfg, arch: dict) -> int:
@@ -128,6 +148,9 @@ def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_s
     base = hf_cfg.to_dict()
     base.pop("quantization_config", None)
     arch = {**arch, "max_position_embeddings": max_positions(hf_cfg, arch)}
+    windows = arch.pop("layer_windows", None)  # per ORIGINAL layer (None = global): follow the layer map
+    if windows is not None:
+        arch["block_windows"], arch["token_windows"] = [windows[i] for i in block_src], [windows[i] for i in token_src]
     return BlockTransformerConfig(
         vocab_size=hf_cfg.vocab_size, block_length=cfg.block_length, prefix_length=cfg.prefix_length,
         num_block_layers=len(block_src), num_token_layers=len(token_src), base_config=base,
@@ -142,17 +165,21 @@ def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_s
 def build_block_model(original, fam: Family, config, arch, block_src, token_src) -> BlockTransformerForCausalLM:
     sd = original.state_dict()
     dtype = next(original.parameters()).dtype
-    head = sd[fam.embed] if config.tie_word_embeddings else sd[fam.head]
+    used = {fam.embed, fam.head} if config.tie_word_embeddings else {fam.embed}  # a tied head is the embedding
+    take = lambda name: used.add(name) or sd[name]  # noqa: E731
     ours = {"embedder.embed.weight": sd[fam.embed], "token_decoder.embed.weight": sd[fam.embed],
-            "lm_head.weight": head}
+            "lm_head.weight": sd[fam.embed] if config.tie_word_embeddings else take(fam.head)}
+    if config.lm_head_bias:
+        ours["lm_head.bias"] = take(fam.head.removesuffix(".weight") + ".bias")
     for w in ("weight", "bias"):
         if f"{fam.final_norm}.{w}" in sd:
-            ours[f"token_decoder.norm.{w}"] = sd[f"{fam.final_norm}.{w}"]
+            ours[f"token_decoder.norm.{w}"] = take(f"{fam.final_norm}.{w}")
     if fam.wpe:
-        ours["block_decoder.wpe.weight"] = ours["token_decoder.wpe.weight"] = sd[fam.wpe]
+        ours["block_decoder.wpe.weight"] = ours["token_decoder.wpe.weight"] = take(fam.wpe)
     for part, indices in (("block_decoder", block_src), ("token_decoder", token_src)):
         for i, src_idx in enumerate(indices):
-            ours.update(map_layer(fam, sd, src_idx, f"{part}.layers.{i}", arch))
+            ours.update(map_layer(fam, sd, src_idx, f"{part}.layers.{i}", arch, used))
+    check_all_used(original, fam, sd, used, set(block_src) | set(token_src))
     model = BlockTransformerForCausalLM(config).to(dtype)  # new parts get the paper's init in __init__
     missing, unexpected = model.load_state_dict(ours, strict=False)
     new_parts = {"embedder.proj.weight", "embedder.proj.bias", "token_decoder.expand.weight",
@@ -161,6 +188,19 @@ def build_block_model(original, fam: Family, config, arch, block_src, token_src)
         raise BlockformerError(f"weight mapping mismatch: missing {sorted(set(missing) - new_parts)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]}")
     return model.eval()
+
+
+def check_all_used(original, fam: Family, sd: dict, used: set, kept_layers: set) -> None:
+    """Stop at the first source tensor no rule consumed: a dropped weight (a q_norm the adapter forgot) would give a
+    model that runs but is not the original. Layers the layer map leaves out, and buffers, are not weights."""
+    buffers = {name for name, _ in original.named_buffers()}
+    layer = re.compile(rf"{re.escape(fam.layers)}\.(\d+)\.")
+    for name in sd:
+        m = layer.match(name)
+        if name in used or name in buffers or (m and int(m.group(1)) not in kept_layers):
+            continue
+        raise BlockformerError(f"the '{fam.name}' adapter (blockformer/families.py) has no rule for the original's "
+                               f"tensor {name}: converting would drop it, so the model would not be the original")
 
 
 def describe(model, original, cfg: ConvertConfig, src, seconds: float) -> dict:

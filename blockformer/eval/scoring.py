@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BlockformerError
 from ..families import FAMILIES
-from ..model import BlockTransformerForCausalLM
+from ..model import BlockTransformerForCausalLM, output_head
 
 DEFAULT_MAX_LENGTH = 2048
 ANCHORS = ("context", "first")
@@ -231,7 +231,7 @@ class Scorer:
 
     def _head(self, h):
         if self.block or self.model.config.model_type in FAMILIES:
-            return self.model.get_output_embeddings()(h)
+            return output_head(self.model)(h)
         return h
 
 

@@ -27,6 +27,7 @@ from .. import sources
 from ..errors import BlockformerError
 from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_flags
+from ..model import output_head
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UptrainConfig, step_budget
 from .data import pack, read_documents
@@ -302,13 +303,13 @@ def zip_rows(data, rows):
 def micro_loss(cfg, acc, model, teacher_tap, ids, mask, labels):
     out = model(ids, attention_mask=mask, return_hidden=True)
     h, ctx, shift = out.hidden_states
-    head = acc.unwrap_model(model).get_output_embeddings()
+    head = output_head(acc.unwrap_model(model))
     teacher, tap = teacher_tap
     t_pair = None
     if teacher is not None:
         with torch.no_grad():
             t_out = teacher.base_model(input_ids=ids, attention_mask=mask.long())
-        t_pair = (t_out.last_hidden_state, teacher.get_output_embeddings())
+        t_pair = (t_out.last_hidden_state, output_head(teacher))
     loss, n = token_loss(h, labels, head, t_pair, cfg.temperature, cfg.kd_weight if teacher is not None else 0.0)
     if tap is not None:
         a, m = alignment_loss(ctx, shift, tap.take(), mask, acc.unwrap_model(model).config.block_length)
@@ -324,7 +325,7 @@ def validation_loss(acc, model, data, cfg, device) -> float:
         ids, mask, labels = (t[i:i + cfg.batch_size].to(device) for t in (data.ids, data.mask, data.labels))
         with autocast(cfg, device):
             h = model(ids, attention_mask=mask, return_hidden=True).hidden_states[0]
-            loss, n = token_loss(h, labels, acc.unwrap_model(model).get_output_embeddings())
+            loss, n = token_loss(h, labels, output_head(acc.unwrap_model(model)))
         total, count = total + loss.item(), count + n
     model.train()
     return total / max(count, 1)
