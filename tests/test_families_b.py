@@ -7,6 +7,8 @@ ignores left padding and generates what its full forward predicts.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -244,3 +246,23 @@ def test_contextual_init_runs_and_stays_causal(originals, name, tmp_path):
     a, b = model(x).logits, model(y).logits
     assert torch.isfinite(a).all() and not torch.allclose(a[:, 13:], b[:, 13:])
     assert_close(a[:, :13], b[:, :13], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2", "phi", "falcon:new_arch", "gpt_neo", "opt"])
+def test_distillation_and_alignment_run_for_the_new_families(name, corpus, tmp_path):
+    """Uptraining reads the teacher through the same head (soft-cap included) and taps the split layer generically:
+    one KD + alignment step is finite and changes the weights, for families with soft-caps, post norms, parallel
+    layers and learned positions."""
+    from blockformer.uptrain import UptrainConfig, uptrain
+    from tiny import build_original_a, load_block, tiny_tokenizer
+    src = tmp_path / "src"
+    (build_original_a(name) if ":" not in name and name in ("gemma2", "olmo2") else build_original_b(name)).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    block = convert_tiny(src, tmp_path / "b")
+    s = uptrain(UptrainConfig(str(tmp_path / "b"), str(corpus), tmp_path / "run", teacher=str(src), seq_len=32,
+                              batch_size=2, max_steps=2, save_every=2, eval_every=2, warmup_steps=1, align_weight=0.01))
+    assert s["step"] == 2 and len(s["history"]) == 2
+    assert all(math.isfinite(h["loss"]) for h in s["history"]) and math.isfinite(s["history"][-1]["val_loss"])
+    after = load_block(tmp_path / "run" / "model")
+    x = tokens()
+    assert not torch.equal(after(x).logits, block(x).logits)
