@@ -222,6 +222,7 @@ class Stack(nn.Module):
         self.rotary = Rotary(cfg) if cfg.rope else None
         self.local_rotary = Rotary(cfg, local=True) if local and any(w is not None for w in windows) else None
         self.wpe = Positions(cfg) if cfg.learned_positions else None
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
 
     def run(self, x, pos, mask, cache_at=None):  # x: (B, T, D); pos: (B, T)
         return self.run_layers(x, self.ropes(pos, x.dtype), self.masks(mask, pos, pos), cache_at)
@@ -239,6 +240,15 @@ class Stack(nn.Module):
         for w in {layer.window for layer in self.layers} - {None}:
             out[w] = mask & ((qpos[:, None, :, None] - kpos[:, None, None, :]) < w)
         return out
+
+    def setup_cache(self, batch: int, length: int, dtype, device) -> None:
+        """Preallocate every layer's KV cache for `length` slots (generation); `release_cache` drops them."""
+        for layer in self.layers:
+            layer.attn.cache = KVCache(batch, self.kv_heads, length, self.head_dim, dtype, device)
+
+    def release_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.cache = None
 
     def run_layers(self, x, ropes: dict, masks: dict, cache_at=None):
         for layer in self.layers:

@@ -23,6 +23,7 @@ original logits exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,36 @@ class BlockDecoder(Stack):
             x = x + self.wpe(pos)
         return self.run(x, pos, causal_mask(block_mask), cache_at)
 
+    def prefill(self, x, block_mask) -> tuple[torch.Tensor, "BlockCursor"]:
+        """Run the prompt's blocks (B, N, D) through the preallocated cache; the cursor tracks where it stands."""
+        B, N, _ = x.shape
+        n_slots = self.layers[0].attn.cache.k.shape[2] if self.layers else N
+        valid = torch.zeros(B, n_slots, dtype=torch.bool, device=x.device)
+        valid[:, :N] = block_mask
+        h = self(x, block_mask, (torch.arange(N, device=x.device), N))               # (B, N, D)
+        return h[:, -1], BlockCursor(valid, block_mask.long().sum(1, keepdim=True), N)
+
+    def step(self, x, cur: "BlockCursor"):
+        """One new block vector (B, 1, D) at the cursor's slot -> its context embedding (B, D)."""
+        if self.wpe is not None:
+            x = x + self.wpe(cur.next_pos)
+        cur.valid[:, cur.slot] = True
+        S = cur.slot + 1
+        # windows count slots: prompts are right-aligned, so slot distance = block distance for every real key
+        slots = torch.arange(S, device=x.device)[None]
+        masks = self.masks(cur.valid[:, None, None, :S], slots[:, -1:], slots)      # (B, 1, 1, S) per window
+        x = self.run_layers(x, self.ropes(cur.next_pos, x.dtype), masks, (slots[0, -1:], S))
+        cur.slot, cur.next_pos = S, cur.next_pos + 1
+        return x[:, -1]
+
+
+@dataclass
+class BlockCursor:
+    """Where the block decoder's cache stands: valid key slots (B, S), each row's next position (B, 1), next slot."""
+    valid: torch.Tensor
+    next_pos: torch.Tensor
+    slot: int
+
 
 class TokenDecoder(Stack):
     """Decodes block i+1 from [prefix(context_i), tokens of block i+1]; attention stays inside that window."""
@@ -124,6 +155,7 @@ class TokenDecoder(Stack):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = make_norm(cfg)
         self.scale = cfg.embedding_scale
+        self.tables = None  # rope tables and masks of the local window while a generation's caches are set up
 
     def prefix(self, ctx):  # (..., D) -> (..., p, D)
         return self.expand(ctx).unflatten(-1, (self.p, -1))
@@ -142,6 +174,37 @@ class TokenDecoder(Stack):
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         h = self.run(x, pos, causal_mask(valid))
         return h[:, self.p - 1:].unflatten(0, (B, N))                       # (B, N, L_B, D)
+
+    def setup_cache(self, batch: int, length: int, dtype, device) -> None:
+        """The local window's cache, plus its rope tables and per-step masks (the same for every block)."""
+        super().setup_cache(batch, length, dtype, device)
+        pos = torch.arange(length, device=device)[None]
+        one = [torch.ones(1, 1, 1, t + 1, dtype=torch.bool, device=device) for t in range(length)]
+        self.tables = (self.ropes(pos, dtype), [self.masks(m, pos[:, t:t + 1], pos[:, :t + 1]) for t, m in enumerate(one)])
+
+    def release_cache(self) -> None:
+        super().release_cache()
+        self.tables = None
+
+    def decode(self, ctx, n_tokens: int, next_token) -> torch.Tensor:
+        """Decode up to L_B tokens from the context embedding (B, D); `next_token(h (B, D)) -> (B,)` picks each."""
+        ropes, masks = self.tables
+        x, toks, t = self.prefix(ctx), [], 0                                  # (B, p, D)
+        for k in range(n_tokens):
+            T = x.shape[1]
+            r = {kind: None if rope is None else (rope[0][..., t:t + T, :], rope[1][..., t:t + T, :])
+                 for kind, rope in ropes.items()}
+            if T > 1:  # the prefix: causal (and windowed) among its T positions
+                pos = torch.arange(t + T, device=x.device)[None]
+                m = self.masks(torch.ones(1, 1, T, t + T, dtype=torch.bool, device=x.device).tril(t), pos[:, t:], pos)
+            else:
+                m = masks[t]
+            x = self.run_layers(x, r, m, (torch.arange(t, t + T, device=x.device), t + T))
+            toks.append(next_token(self.norm(x[:, -1])))                      # (B,)
+            t += T
+            if k + 1 < n_tokens:
+                x = self.embed_tokens(toks[-1][:, None], t)
+        return torch.stack(toks, 1)                                           # (B, n_tokens)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -166,6 +229,33 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         """Batched generation (greedy or sampling); see `blockformer.generate.generate` for the options."""
         from .generate import generate
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------------------- decoding (gpt-fast style)
+    def setup_caches(self, batch: int, n_blocks: int, dtype=None, device=None) -> None:
+        """Preallocate the block decoder's cache (`n_blocks` slots) and the token decoder's local one."""
+        dtype, device = dtype or self.lm_head.weight.dtype, device or self.lm_head.weight.device
+        c = self.config
+        self.block_decoder.setup_cache(batch, n_blocks, dtype, device)
+        self.token_decoder.setup_cache(batch, c.prefix_length + c.block_length - 1, dtype, device)
+
+    def release_caches(self) -> None:
+        self.block_decoder.release_cache()
+        self.token_decoder.release_cache()
+
+    def prefill(self, ids, tmask) -> tuple[torch.Tensor, BlockCursor]:
+        """Prompt ids (B, W) right-aligned on a block boundary (W a multiple of L_B) -> context (B, D), cursor."""
+        L = self.config.block_length
+        blocks, bmask = ids.unflatten(1, (-1, L)), tmask.unflatten(1, (-1, L))     # (B, N, L_B)
+        return self.block_decoder.prefill(self.embedder(blocks, bmask), bmask.any(-1))
+
+    def advance(self, block_tokens, cur: BlockCursor) -> torch.Tensor:
+        """A finished block (B, L_B) -> the next context embedding (B, D); one block-decoder step."""
+        x = self.embedder(block_tokens[:, None], torch.ones_like(block_tokens[:, None], dtype=torch.bool))
+        return self.block_decoder.step(x, cur)                                       # x: (B, 1, D)
+
+    def decode_block(self, ctx, n_tokens: int, pick) -> torch.Tensor:
+        """The next block's first `n_tokens` tokens (B, n) from its context (B, D); `pick(logits (B, V)) -> (B,)`."""
+        return self.token_decoder.decode(ctx, n_tokens, lambda h: pick(self.logits(h)))
 
     def get_input_embeddings(self):
         return self.token_decoder.embed

@@ -139,3 +139,29 @@ def test_windowed_greedy_equals_forward_argmax(windowed, prompt_len):
 
 def test_windowed_batch_equals_one_by_one(windowed):
     test_batch_equals_one_by_one(windowed)  # left-padded rows: windows count real blocks only
+
+
+@pytest.mark.parametrize("kind", ["block", "vanilla"])
+def test_scorer_greedy_until_is_generate_cut_at_the_stop_string(tiny_dirs, tmp_path, kind):
+    """lm-eval's generate_until goes through the model's own generate; the text ends before the first stop string
+    and equals a token-by-token greedy loop over the full forward."""
+    from blockformer.eval.scoring import Scorer
+    from tiny import convert_tiny, load_original, tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = convert_tiny(tiny_dirs["llama"], tmp_path / "b") if kind == "block" else load_original(tiny_dirs["llama"])
+    context = "w5 w9 w14 w3 w22 w7"
+    ids = tok.encode(context)
+    new = []
+    with torch.no_grad():
+        for _ in range(8):
+            x = torch.tensor([ids + new])
+            kw = {"anchor": torch.tensor([len(ids) - 1])} if kind == "block" else {}
+            new.append(int(model(x, **kw).logits[0, -1].argmax()))
+    full = tok.decode(new)
+    scorer = Scorer(model, tok)
+    calls, real = [], model.generate
+    model.generate = lambda *a, **k: calls.append(k) or real(*a, **k)  # the one generate, not a loop of forwards
+    assert scorer.greedy_until(context, [], 8) == full and len(calls) == 1
+    stop = tok.decode(new[3:5])  # a stop string made of the 4th and 5th generated tokens
+    cut = scorer.greedy_until(context, [stop], 8)
+    assert cut == full[: full.index(stop)] and len(cut) < len(full)

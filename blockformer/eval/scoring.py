@@ -158,20 +158,25 @@ class Scorer:
 
     @torch.inference_mode()
     def greedy_until(self, context: str, until: list[str], max_new: int) -> str:
-        """Greedy continuation of `context`, stopped at EOS, a stop string or `max_new` tokens."""
-        ids = self.encode(context)[-(self.max_length - 1):]
-        new: list[int] = []
-        for _ in range(max_new):
-            x = torch.tensor([(ids + new)[-self.max_length:]], device=self.device)
-            anchor = torch.tensor([len(ids) - 1 - max(0, len(ids) + len(new) - self.max_length)], device=self.device)
-            nxt = int(self._head(self._hidden(x, anchor.clamp(min=0))[:, -1]).argmax(-1))
-            if nxt == self.tok.eos_token_id:
-                break
-            new.append(nxt)
-            text = self.tok.decode(new)
-            if any(u in text for u in until):
-                return text[: min(text.index(u) for u in until if u in text)]
-        return self.tok.decode(new)
+        """Greedy continuation of `context` through the model's own `generate` (our block decoding, or Hugging
+        Face's for a vanilla model), cut at EOS or the first stop string."""
+        max_new = max(1, min(max_new, self.max_length - 1))
+        ids = torch.tensor([self.encode(context)[-(self.max_length - max_new):]], device=self.device)
+        eos = self.tok.eos_token_id
+        def stop(new):  # (B, t) new tokens -> (B,) rows whose text holds a stop string
+            return torch.tensor([any(u in self.tok.decode(r) for u in until) for r in new.tolist()], device=new.device)
+        if self.block:
+            out = self.model.generate(ids, max_new_tokens=max_new, eos_token_id=eos, stop=stop if until else None)
+        else:  # HF's own stop_strings needs a byte-level vocabulary; this criterion works with any tokenizer
+            from transformers import StoppingCriteriaList
+            crit = StoppingCriteriaList([lambda seq, scores, **_: stop(seq[:, ids.shape[1]:])] if until else [])
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                      do_sample=False, eos_token_id=eos, pad_token_id=eos, stopping_criteria=crit)
+        new = out[0, ids.shape[1]:].tolist()
+        new = new[: new.index(eos)] if eos in new else new
+        text = self.tok.decode(new)
+        hits = [text.index(u) for u in until if u in text]
+        return text[: min(hits)] if hits else text
 
     @torch.inference_mode()
     def loglikelihood_tokens(self, reqs: list[tuple[list[int], list[int]]], progress=None):
