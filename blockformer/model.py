@@ -312,8 +312,12 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         """LM head on final hidden states, then Gemma 2's final soft-cap (cap * tanh(logits / cap)) if any."""
         return output_head(self)(h)
 
-    def final_hidden(self, input_ids, attention_mask=None, anchor=None, with_context=False):
-        """Normalised last hidden states (B, T, D), ready for `lm_head`."""
+    def final_hidden(self, input_ids, attention_mask=None, anchor=None, with_context=False, need=None):
+        """Normalised last hidden states (B, T, D), ready for `lm_head`.
+
+        `need` (B, T) bool, optional: only these positions are wanted (scoring). The token decoder then runs only on
+        the blocks that hold them (a continuation's few blocks instead of the whole context's); other positions
+        come back as zeros. The block decoder still reads every block: the context lives there."""
         L = self.config.block_length
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         ids, tmask, shift = align_to_blocks(input_ids, mask, L, anchor)
@@ -321,9 +325,17 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         ctx = self.block_decoder(self.embedder(blocks, bmask), bmask.any(-1))        # (B, N, D)
         nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
         nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
-        h = self.token_decoder(ctx, nxt, nxt_mask).flatten(1, 2)                    # (B, N*L_B, D)
         # the prediction *from* aligned position q sits at index q - (L_B - 1); block 0's other slots have none
         idx = (torch.arange(input_ids.shape[1], device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
+        if need is None:
+            h = self.token_decoder(ctx, nxt, nxt_mask)                                # (B, N, L_B, D)
+        else:
+            sel = torch.zeros(ctx.shape[:2], dtype=torch.bool, device=ctx.device)     # (B, N) blocks to decode
+            rows = torch.arange(len(idx), device=idx.device)[:, None].expand_as(idx)
+            sel[rows[need], idx[need] // L] = True
+            h = ctx.new_zeros(*ctx.shape[:2], L, ctx.shape[-1])
+            h[sel] = self.token_decoder(ctx[sel][None], nxt[sel][None], nxt_mask[sel][None])[0]
+        h = h.flatten(1, 2)                                                           # (B, N*L_B, D)
         h = self.token_decoder.norm(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))  # (B, T, D)
         return (h, ctx, shift) if with_context else h
 

@@ -99,3 +99,26 @@ def test_bf16_forward_runs_and_stays_close(tiny_dirs, tmp_path):
     ref = model(x).logits
     low = load_block(tmp_path / "b").to(torch.bfloat16)(x).logits.float()
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("block_length", [1, 3, 4])
+def test_needed_positions_decode_only_their_blocks_and_match_the_full_pass(tiny_dirs, tmp_path, block_length):
+    """Scoring asks for a few positions: the token decoder runs on the blocks holding them only, same values."""
+    model = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=block_length)
+    perturb_new_parts(model)
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (3, 29))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :6] = False                                       # left padding in one row
+    anchor = torch.tensor([20, 24, 9])                        # scoring anchors: the last context token per row
+    need = torch.zeros_like(mask)
+    need[0, 21:25], need[1, 25:], need[2, 10:12] = True, True, True
+    seen = []
+    hook = model.token_decoder.register_forward_hook(lambda m, a, out: seen.append(out.shape[:2]))
+    with torch.no_grad():
+        full = model.final_hidden(ids, mask, anchor)
+        part = model.final_hidden(ids, mask, anchor, need=need)
+    hook.remove()
+    assert_close(part[need], full[need], rtol=1e-5, atol=1e-5)
+    (B, N), (one, M) = seen                                   # full pass: every block; scoring: the needed ones
+    assert one == 1 and 3 <= M <= B * N // 3

@@ -209,7 +209,10 @@ class Scorer:
             ids[b, : len(inp)] = torch.tensor(inp)
         # rows start at index 0 (right padding), so the first real token is index 0; else the last context token
         anchor = torch.tensor([0 if self.anchor == "first" else len(inp) - len(cont) for inp, cont in rows])
-        h = self._hidden(ids.to(self.device), anchor.to(self.device))           # (B, T, D)
+        need = torch.zeros_like(ids, dtype=torch.bool)  # the continuation's positions: only they are scored
+        for b, (inp, cont) in enumerate(rows):
+            need[b, len(inp) - len(cont): len(inp)] = True
+        h = self._hidden(ids.to(self.device), anchor.to(self.device), need.to(self.device))   # (B, T, D)
         return self._gather_scores(h, [(len(inp), cont) for inp, cont in rows])
 
     def _gather_scores(self, h, rows):
@@ -227,9 +230,9 @@ class Scorer:
             start = end
         return out
 
-    def _hidden(self, ids, anchor):
+    def _hidden(self, ids, anchor, need=None):
         if self.block:
-            return self.model.final_hidden(ids, anchor=anchor)
+            return self.model.final_hidden(ids, anchor=anchor, need=need)
         if self.model.config.model_type in FAMILIES:  # plain families: final hidden state, then the head
             return self.model.base_model(input_ids=ids).last_hidden_state
         return self.model(input_ids=ids).logits  # unknown heads (soft-capping, scaling): take the logits
