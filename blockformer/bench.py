@@ -5,7 +5,10 @@
     blockformer bench out/tiny --baseline tiny-orig --prompt-len 16 --gen-len 8 --batch-sizes 1,2 --repeats 2
 
 Random prompt tokens, EOS disabled, one warm-up, then the median of timed runs (clock read after synchronising).
-The original runs through HF `generate` with its default attention (sdpa) and cache, in the same dtype.
+The original runs three ways in the same run and dtype (`--baselines`): HF `generate` with its default attention (sdpa)
+and dynamic cache; HF `generate` with its static cache; and our own decoder running the degenerate conversion (the
+original exactly). The block model's speed-up over the last is the architecture's alone, and the cost model
+(costs.py) predicts that one.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
 QUICK = {"prefill-heavy": (1024, 32), "decode-heavy": (128, 256)}
 DEFAULT_BATCH = {"prefill-heavy": 8, "decode-heavy": 16}
 DTYPES = ("float32", "bfloat16", "float16")
+# the original, three ways: Hugging Face generate with its dynamic cache, with its static cache, and our own decoder
+# (the degenerate conversion, exactly the original): the last ratio is the architecture's alone
+BASELINES = ("hf", "hf-static", "same-engine")
 
 
 @dataclass
@@ -34,6 +40,7 @@ class BenchConfig:
     scenarios: dict = field(default_factory=lambda: dict(SCENARIOS))
     batch_sizes: tuple[int, ...] | None = None     # default: 8 for prefill-heavy, 16 for decode-heavy
     repeats: int = 3
+    baselines: tuple[str, ...] = BASELINES   # which ways to run the original (see BASELINES)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -51,6 +58,9 @@ class BenchConfig:
             raise BlockformerError(f"batch_sizes must be at least 1 each, got {list(self.batch_sizes)}")
         if self.repeats < 1:
             raise BlockformerError(f"repeats must be at least 1, got {self.repeats}")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown or not self.baselines:
+            raise BlockformerError(f"baselines must be some of {', '.join(BASELINES)}, got {list(self.baselines)}")
         if self.dtype not in DTYPES:
             raise BlockformerError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
 
@@ -61,6 +71,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     baseline = _load(cfg.baseline, cfg) if cfg.baseline else None
     if model.config.model_type != "block_transformer":
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder (model_type {model.config.model_type})")
+    runners = baseline_runners(baseline, cfg.baselines) if baseline is not None else {}
     peak, bw = costs.machine_rates(getattr(torch, cfg.dtype), cfg.device)  # the roofline of the device used
     res = {"config": {**asdict(cfg), "out": str(cfg.out)}, "machine": machine(peak, bw, cfg.device), "points": []}
     for name, (P, G) in cfg.scenarios.items():
@@ -71,11 +82,16 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             ids = ids.to(cfg.device)
             point["block"] = measure(lambda n: model.generate(ids, max_new_tokens=n, eos_token_id=None), B, G, cfg)
             point["block"]["kv_cache_bytes"] = B * model.kv_cache_bytes(P + G)
-            if baseline is not None:
-                point["original"] = measure(lambda n: hf_generate(baseline, ids, n), B, G, cfg)
-                point["original"]["kv_cache_bytes"] = B * original_kv_bytes(baseline, P + G)
-                point["speedup"] = point["block"]["tokens_per_s"] / point["original"]["tokens_per_s"]
-            point["predicted"] = costs.predict(model.config, P, G, B, model.lm_head.weight.element_size(), peak, bw)
+            bytes_el = model.lm_head.weight.element_size()
+            for role, run in runners.items():  # the original, each way, in the same run as the block model
+                point[role] = measure(lambda n, run=run: run(ids, n), B, G, cfg)
+                point[role]["kv_cache_bytes"] = B * costs.original_kv_bytes(baseline.config, P + G, bytes_el)
+                point[f"speedup_vs_{role}"] = point["block"]["tokens_per_s"] / point[role]["tokens_per_s"]
+            if "original" in point:
+                point["speedup"] = point["speedup_vs_original"]  # against HF generate, as the report has it
+            point["predicted"] = costs.predict(model.config, P, G, B, bytes_el, peak, bw)
+            if "original_same_engine" in point:  # the cost model predicts the architecture's ratio
+                point["measured_over_predicted"] = point["speedup_vs_original_same_engine"] / point["predicted"]["speedup"]
             res["points"].append(point)
             log(point_line(point))
     if cfg.out:
@@ -98,9 +114,26 @@ def _check_context(model, P: int, G: int) -> None:
                                f"{model.config.max_position_embeddings} tokens")
 
 
-def hf_generate(model, ids, n: int):
+ROLES = {"hf": "original", "hf-static": "original_static", "same-engine": "original_same_engine"}
+
+
+def baseline_runners(baseline, which) -> dict:
+    """role -> run(ids, n): the original generating n tokens each way asked for."""
+    out = {}
+    if "hf" in which:
+        out[ROLES["hf"]] = lambda ids, n: hf_generate(baseline, ids, n)
+    if "hf-static" in which:
+        out[ROLES["hf-static"]] = lambda ids, n: hf_generate(baseline, ids, n, cache_implementation="static")
+    if "same-engine" in which:
+        from .convert.convert import same_engine
+        ours = same_engine(baseline)
+        out[ROLES["same-engine"]] = lambda ids, n: ours.generate(ids, max_new_tokens=n, eos_token_id=None)
+    return out
+
+
+def hf_generate(model, ids, n: int, **kw):
     from transformers import GenerationConfig
-    gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
     return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
 
 
@@ -154,15 +187,6 @@ def peak_memory(device: str) -> int | None:
     return None
 
 
-def original_kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
-    heads = getattr(c, "num_attention_heads", None) or c.n_head
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    hd = getattr(c, "head_dim", None) or (getattr(c, "hidden_size", None) or c.n_embd) // heads
-    return 2 * layers * kv * hd * next(model.parameters()).element_size() * tokens
-
-
 def machine(peak: float, bw: float, device: str = "cpu") -> dict:
     """Where the bench ran; the rates are those of `device`."""
     on_cuda = torch.device(device).type == "cuda"
@@ -171,26 +195,32 @@ def machine(peak: float, bw: float, device: str = "cpu") -> dict:
             "cuda": torch.cuda.get_device_name(torch.device(device)) if on_cuda else None}
 
 
+LABELS = {"original": "original (HF generate)", "original_static": "original (HF static cache)",
+          "original_same_engine": "original (our decoder)", "block": "block"}
+
+
 def point_line(p: dict) -> str:
-    b, o = p["block"], p.get("original")
-    s = f"{p['scenario']:>14} P={p['prompt']:<5} G={p['generate']:<5} B={p['batch']:<3} block {b['tokens_per_s']:8.1f} tok/s"
-    if o:
-        s += f" | original {o['tokens_per_s']:8.1f} tok/s | {p['speedup']:.1f}x (predicted {p['predicted']['speedup']:.1f}x)"
-    return s
+    s = f"{p['scenario']:>14} P={p['prompt']:<5} G={p['generate']:<5} B={p['batch']:<3} block {p['block']['tokens_per_s']:8.1f} tok/s"
+    for role in ROLES.values():
+        if role in p:
+            s += f" | {p[f'speedup_vs_{role}']:.2f}x vs {LABELS[role]}"
+    return s + f" | predicted {p['predicted']['speedup']:.2f}x"
 
 
 def table(res: dict) -> str:
-    head = ("scenario", "P", "G", "B", "model", "tok/s", "TTFT s", "peak MiB", "KV MiB", "speed-up", "predicted")
+    """One row per model and point; an original's row holds the block model's speed-up over it, and the row of
+    our decoder (the same engine) the cost model's prediction of that ratio."""
+    head = ("scenario", "P", "G", "B", "model", "tok/s", "TTFT s", "peak MiB", "KV MiB", "block speed-up", "predicted")
     rows = []
     for p in res["points"]:
-        for role in ("original", "block"):
+        for role in (*ROLES.values(), "block"):
             if role in p:
                 m = p[role]
-                rows.append((p["scenario"], p["prompt"], p["generate"], p["batch"], role, f"{m['tokens_per_s']:.1f}",
-                             f"{m['ttft_s']:.3f}", f"{(m['peak_memory_bytes'] or 0) / 2**20:.0f}",
-                             f"{m['kv_cache_bytes'] / 2**20:.1f}",
-                             f"{p['speedup']:.2f}x" if role == "block" and "speedup" in p else "",
-                             f"{p['predicted']['speedup']:.2f}x" if role == "block" else ""))
+                rows.append((p["scenario"], p["prompt"], p["generate"], p["batch"], LABELS[role],
+                             f"{m['tokens_per_s']:.1f}", f"{m['ttft_s']:.3f}",
+                             f"{(m['peak_memory_bytes'] or 0) / 2**20:.0f}", f"{m['kv_cache_bytes'] / 2**20:.1f}",
+                             f"{p[f'speedup_vs_{role}']:.2f}x" if role != "block" else "",
+                             f"{p['predicted']['speedup']:.2f}x" if role == "original_same_engine" else ""))
     w = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(x).rjust(n) for x, n in zip(r, w))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, rows)])
@@ -210,9 +240,11 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(scen), figsize=(5.5 * len(scen), 4), squeeze=False)
     for ax, name in zip(axes[0], scen):
         pts = [p for p in res["points"] if p["scenario"] == name]
-        for role, style in (("original", "o-"), ("block", "s-")):
+        for role, style in (("original", "o-"), ("original_static", "v-"), ("original_same_engine", "^-"),
+                            ("block", "s-")):
             xs = [p["batch"] for p in pts if role in p]
-            ax.plot(xs, [p[role]["tokens_per_s"] for p in pts if role in p], style, label=role)
+            if xs:
+                ax.plot(xs, [p[role]["tokens_per_s"] for p in pts if role in p], style, label=LABELS[role])
         ax.set(title=f"{name} (P={pts[0]['prompt']}, G={pts[0]['generate']})", xlabel="batch size",
                ylabel="generated tokens/s", xscale="log", yscale="log")
         ax.legend()

@@ -151,7 +151,10 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
 
 @main.command()
 @click.argument("model")
-@click.option("--baseline", default=None, help="Original model, run through Hugging Face generate in the same run.")
+@click.option("--baseline", default=None, help="Original model, timed in the same run (see --baselines).")
+@click.option("--baselines", default="hf,hf-static,same-engine", show_default=True,
+              help="How to run the original: hf (HF generate, dynamic cache), hf-static (HF static cache), "
+                   "same-engine (our decoder on the degenerate conversion: the architecture's ratio alone).")
 @click.option("--quick", is_flag=True, help="Shorter scenarios: prompt 1024 / generate 32 and prompt 128 / generate 256.")
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(["prefill-heavy", "decode-heavy"]),
               help="Run only these scenarios [default: both].")
@@ -166,7 +169,7 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for bench.json and throughput.png [default: runs/bench-TIME].")
 @friendly
-def bench(model, baseline, quick, scenarios, prompt_len, gen_len, batch_sizes, repeats, dtype, device, out):
+def bench(model, baseline, baselines, quick, scenarios, prompt_len, gen_len, batch_sizes, repeats, dtype, device, out):
     """Measure generation throughput of MODEL (a Block Transformer) against --baseline."""
     import json
     import time
@@ -186,12 +189,13 @@ def bench(model, baseline, quick, scenarios, prompt_len, gen_len, batch_sizes, r
     if sizes and min(sizes) < 1:
         raise BlockformerError("--batch-sizes must be at least 1")
     out = out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
-    res = run_bench(BenchConfig(model, baseline, table_, sizes, repeats, dtype, device, out=out),
-                    log=lambda s: click.echo(s, err=True))
+    cfg = BenchConfig(model, baseline, table_, sizes, repeats, tuple(b for b in baselines.split(",") if b), dtype,
+                      device, out=out)
+    res = run_bench(cfg, log=lambda s: click.echo(s, err=True))
     click.echo(table(res))
     click.echo(f"wrote {out}/bench.json and throughput.png")
-    click.echo(json.dumps({"points": [{k: p[k] for k in p if k in ("scenario", "prompt", "generate", "batch", "speedup")}
-                                      for p in res["points"]]}))
+    keep = lambda k: k in ("scenario", "prompt", "generate", "batch", "measured_over_predicted") or k.startswith("speedup")  # noqa: E731
+    click.echo(json.dumps({"points": [{k: p[k] for k in p if keep(k)} for p in res["points"]]}))
 
 
 @main.command("run")

@@ -7,6 +7,7 @@ ignores framework overhead, which is exactly what the measurement adds.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,33 @@ def layer_shape(cfg, n_layers: int, dtype_bytes: int) -> Shape:
     D, I, H, Hkv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     mlp = (3 if getattr(cfg, "mlp_type", "gated") == "gated" else 2) * D * I
     return Shape(n_layers, D * (H + 2 * Hkv) * hd + H * hd * D + mlp, 2 * Hkv * hd * dtype_bytes, H * hd)
+
+
+# --------------------------------------------------------------------------------------------- KV accounting
+def kv_bytes_per_position(cfg, bytes_el: int) -> int:
+    """K and V of one cached position in one layer (a Block Transformer config or an original's generic fields)."""
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_el
+
+
+def block_kv_bytes(cfg, context: int, bytes_el: int) -> int:
+    """KV cache of one sequence in a Block Transformer holding `context` tokens, as generation allocates it: the
+    block decoder caches one position per block, the token decoder only its window (prefix + L_B - 1)."""
+    per = kv_bytes_per_position(cfg, bytes_el)
+    window = cfg.prefix_length + cfg.block_length - 1
+    return per * (cfg.num_block_layers * math.ceil(context / cfg.block_length) + cfg.num_token_layers * window)
+
+
+def original_kv_bytes(hf_config, context: int, bytes_el: int) -> int:
+    """KV cache of one sequence in the original holding `context` tokens (every layer, every position), read through
+    the family adapter table, so multi-query Falcon, GPT-2's names or Gemma's head_dim count right."""
+    from types import SimpleNamespace
+    from .families import family_for
+    arch = family_for(hf_config.model_type).arch(hf_config)
+    heads = arch["num_attention_heads"]
+    shape = SimpleNamespace(num_key_value_heads=arch.get("num_key_value_heads") or heads,
+                            head_dim=arch.get("head_dim") or arch["hidden_size"] // heads)
+    layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
+    return kv_bytes_per_position(shape, bytes_el) * layers * context
 
 
 def stack_cost(s: Shape, new: int, ctx: float, B: int, bytes_el: int) -> tuple[float, float]:

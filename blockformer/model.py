@@ -272,11 +272,9 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         return {**parts, "total": sum(parts.values())}
 
     def kv_cache_bytes(self, context: int) -> int:
-        """KV-cache bytes of one sequence holding `context` tokens: global over blocks, local in the window."""
-        c = self.config
-        per_pos = 2 * c.num_key_value_heads * c.head_dim * next(self.parameters()).element_size()
-        blocks = math.ceil(context / c.block_length)
-        return per_pos * (c.num_block_layers * blocks + c.num_token_layers * (c.prefix_length + c.block_length))
+        """KV-cache bytes of one sequence holding `context` tokens (blockformer/costs.py owns the accounting)."""
+        from .costs import block_kv_bytes
+        return block_kv_bytes(self.config, context, self.lm_head.weight.element_size())
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -29,11 +29,20 @@ def test_bench_cli_writes_table_json_and_plot(pair, tmp_path):
     res = json.loads((tmp_path / "b" / "bench.json").read_text())
     p = res["points"][0]
     # KV bytes at batch 1 after 12 + 6 tokens: the original caches 18 positions in each of its 4 layers; the block
-    # model ceil(18 / 4) = 5 block positions in its 2 lower layers and a prefix + block window (2 + 4) in its 2 upper
-    c, per_pos = load_block(block).config, 2 * 2 * 8 * 4   # K and V, 2 KV heads of dim 8, float32
+    # model ceil(18 / 4) = 5 block positions in its 2 lower layers and its window (prefix 2 + 4 - 1) in the 2 upper
+    model = load_block(block)
+    c, per_pos = model.config, 2 * 2 * 8 * 4   # K and V, 2 KV heads of dim 8, float32
     assert (c.num_block_layers, c.num_token_layers, c.block_length, c.prefix_length) == (2, 2, 4, 2)
     assert p["batch"] == 1 and p["original"]["kv_cache_bytes"] == per_pos * 4 * 18
-    assert p["block"]["kv_cache_bytes"] == per_pos * (2 * 5 + 2 * (2 + 4))
+    assert p["block"]["kv_cache_bytes"] == per_pos * (2 * 5 + 2 * (2 + 4 - 1))
+    model.setup_caches(1, 5)  # the accounting is what generation allocates
+    allocated = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith((".k", ".v")))
+    model.release_caches()
+    assert allocated == p["block"]["kv_cache_bytes"]
+    for role in ("original", "original_static", "original_same_engine"):  # the three baselines, same run
+        assert p[role]["tokens_per_s"] > 0 and p[f"speedup_vs_{role}"] > 0, role
+    assert p["measured_over_predicted"] == pytest.approx(p["speedup_vs_original_same_engine"] / p["predicted"]["speedup"])
+    assert "original (our decoder)" in r.output and "original (HF static cache)" in r.output
     assert res["machine"]["device"] == "cpu"
     assert p["predicted"]["speedup"] > 0 and p["block"]["ttft_s"] > 0
     assert (tmp_path / "b" / "throughput.png").stat().st_size > 1000
@@ -41,7 +50,8 @@ def test_bench_cli_writes_table_json_and_plot(pair, tmp_path):
 
 @pytest.mark.parametrize("args,msg", [(["--prompt-len", "300", "--gen-len", "10"], "context"),
                                       (["--prompt-len", "5"], "--prompt-len and --gen-len"),
-                                      (["--batch-sizes", "0"], "--batch-sizes")])
+                                      (["--batch-sizes", "0"], "--batch-sizes"),
+                                      (["--baselines", "hf,vllm"], "baselines must be some of")])
 def test_bench_bad_input(pair, args, msg):
     r = CliRunner().invoke(main, ["bench", str(pair[0]), *args])
     assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output
@@ -84,7 +94,8 @@ def test_rates_are_measured_on_the_bench_device(pair, monkeypatch, tmp_path):
     monkeypatch.setattr(costs, "machine_rates", fake_rates)
     monkeypatch.setattr(costs.torch.cuda, "is_available", lambda: True)  # a CUDA machine benching on "cpu"
     monkeypatch.setattr(costs.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    res = run_bench(BenchConfig(str(pair[0]), None, {"t": (8, 4)}, (1,), 1, "float32", "cpu"), log=lambda s: None)
+    res = run_bench(BenchConfig(str(pair[0]), None, {"t": (8, 4)}, (1,), 1, dtype="float32", device="cpu"),
+                    log=lambda s: None)
     assert seen == [(costs.torch.float32, "cpu")]
     assert res["machine"]["matmul_gflops"] == 1000 and res["machine"]["device"] == "cpu"
     assert res["machine"]["cuda"] is None   # the bench ran on the CPU, so no GPU name is reported
@@ -101,3 +112,21 @@ def test_machine_rates_run_on_the_given_device(device, monkeypatch):
     flops, bw = costs.machine_rates(costs.torch.float32, device, seconds=0.01)
     assert made and all(str(d) == device for d in made) and flops > 0 and bw > 0
     assert synced and set(synced) == {device}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_same_engine_baseline_is_the_original_exactly(tiny_dirs, family):
+    """The bench's 'our decoder' baseline computes the original's logits and greedy tokens, so its ratio to the
+    block model is the architecture's alone."""
+    import torch
+    from blockformer.convert.convert import same_engine
+    from tiny import load_original
+    original = load_original(tiny_dirs[family])
+    ours = same_engine(original)
+    x = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(2))  # a seed whose greedy run hits EOS
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, original(x).logits, rtol=1e-5, atol=1e-5)
+    # the bench's HF runs force min_new_tokens (which bans EOS), so compare plain greedy decoding here
+    hf = original.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(x, max_new_tokens=12, eos_token_id=None), hf)

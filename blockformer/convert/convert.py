@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import sources
+from ..costs import block_kv_bytes, kv_bytes_per_position, original_kv_bytes
 from ..errors import BlockformerError
 from ..families import Family, family_for, map_layer
 from ..io import atomic_folder, check_out, ensure_writable, remove_stale_temps
@@ -127,6 +128,21 @@ def optional_tokenizer(src, needed: bool):
         return None
 
 
+def same_engine(original) -> BlockTransformerForCausalLM:
+    """The original itself run by our decoder: the degenerate conversion (L_B = 1, every layer in the block decoder,
+    one prefix slot, no token-decoder layer) computes the original's logits exactly, so timing it against the
+    Block Transformer isolates what the architecture buys from what the engine buys."""
+    hf = original.config
+    fam = family_for(hf.model_type)
+    arch = fam.arch(hf)
+    n = getattr(hf, "num_hidden_layers", None) or hf.n_layer
+    cfg = ConvertConfig("(in memory)", Path("-"), block_length=1, prefix_length=1, block_layers=n)
+    src = sources.Source("(in memory)", "(in memory)", kind="memory")
+    config = block_config(cfg, hf, arch, src, list(range(n)), [])
+    device = next(original.parameters()).device
+    return build_block_model(original, fam, config, arch, list(range(n)), []).to(device)
+
+
 def max_positions(hf_cfg, arch: dict) -> int:
     return arch.get("max_position_embeddings") or getattr(hf_cfg, "max_position_embeddings", 2048)
 
@@ -206,8 +222,7 @@ def check_all_used(original, fam: Family, sd: dict, used: set, kept_layers: set)
 def describe(model, original, cfg: ConvertConfig, src, seconds: float) -> dict:
     c = model.config
     bytes_el = next(model.parameters()).element_size()
-    n_orig = getattr(original.config, "num_hidden_layers", None) or original.config.n_layer
-    per_layer = 2 * c.num_key_value_heads * c.head_dim * bytes_el
+    per_layer = kv_bytes_per_position(c, bytes_el)
     return {
         "source": cfg.source, "family": c.provenance["family"], "out": str(cfg.out),
         "block_length": c.block_length, "prefix_length": c.prefix_length, "layer_map": cfg.layer_map,
@@ -216,12 +231,12 @@ def describe(model, original, cfg: ConvertConfig, src, seconds: float) -> dict:
         "parameters": model.parameter_counts(),
         "parameters_original": sum(p.numel() for p in original.parameters()),
         "kv_bytes_per_token": {
-            "original": n_orig * per_layer,
+            "original": original_kv_bytes(original.config, 1, bytes_el),
             "block_decoder": c.num_block_layers * per_layer / c.block_length,
-            "token_decoder_window_per_sequence": c.num_token_layers * per_layer * (c.prefix_length + c.block_length),
+            "token_decoder_window_per_sequence": block_kv_bytes(c, 0, bytes_el),
         },
-        "kv_bytes_per_sequence_at_2048": {"original": n_orig * per_layer * 2048,
-                                          "converted": model.kv_cache_bytes(2048)},
+        "kv_bytes_per_sequence_at_2048": {"original": original_kv_bytes(original.config, 2048, bytes_el),
+                                          "converted": block_kv_bytes(c, 2048, bytes_el)},
         "convert_seconds": round(seconds, 1),
     }
 
