@@ -187,8 +187,16 @@ def write_gguf(model, path, arch: str, tensors: bool = True):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
+    if arch.startswith("gemma"):  # Gemma's head_dim is not hidden / heads; llama.cpp writes it and the window
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_sliding_window(cfg.sliding_window)
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.num_hidden_layers)
     for key, t in model.state_dict().items() if tensors else ():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp writes a tied head once, as the embeddings
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            t = t + 1  # llama.cpp stores Gemma's (1 + w) norm scales; transformers' reader subtracts the 1
         if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
             n = cfg.num_attention_heads if "q_proj" in key else cfg.num_key_value_heads
             t = t.reshape(n, 2, t.shape[0] // n // 2, -1).transpose(1, 2).reshape(t.shape)
@@ -201,16 +209,19 @@ def write_gguf(model, path, arch: str, tensors: bool = True):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "phi3", "stablelm"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "stablelm", "gemma2", "gemma3"])
 def test_gguf_input_converts_exactly(family, tmp_path):
     """The degenerate conversion of a GGUF file equals the model transformers loads from the same file."""
     from transformers import AutoModelForCausalLM
-    from tiny import build_original
-    original = build_original(family) if family == "llama" else build_original_b(family)
+    from tiny import build_original, build_original_a
+    original = (build_original(family) if family == "llama" else build_original_a(
+        {"gemma3": "gemma3_text"}.get(family, family)) if family.startswith("gemma") else build_original_b(family))
     path = write_gguf(original, tmp_path / "m.gguf", family)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     block = convert_tiny(path, tmp_path / "b", block_length=1, block_layers=4)
-    assert block.config.provenance["source_kind"] == "gguf" and block.config.provenance["family"] == family
+    assert block.config.provenance["source_kind"] == "gguf" and block.config.provenance["family"] == hf.config.model_type
+    if family.startswith("gemma"):  # the windows came through the file, and the tokens outrun them
+        assert hf.config.sliding_window == original.config.sliding_window < tokens().shape[1]
     x = tokens()
     assert_close(block(x).logits, hf(x).logits, rtol=1e-5, atol=5e-5)
     if family == "llama":  # the file really holds the original (llama.cpp's q/k permutation undone on reading)
