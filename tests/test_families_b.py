@@ -209,13 +209,31 @@ def write_gguf(model, path, arch: str, tensors: bool = True):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "phi3", "stablelm", "gemma2", "gemma3"])
+def gguf_original(family: str):
+    """A tiny original of `family` that transformers' GGUF reader can read back. Its qwen3 reader takes head_dim
+    from the config default (128, as in every real Qwen3), not from the file: the tiny model uses 128 too."""
+    from tiny import build_original, build_original_a
+    if family == "qwen3":
+        from transformers import AutoModelForCausalLM, Qwen3Config
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(Qwen3Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=128, max_position_embeddings=256, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0), dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
+        return model.eval()
+    if family.startswith("gemma"):
+        return build_original_a({"gemma3": "gemma3_text"}.get(family, family))
+    return build_original(family) if family == "llama" else build_original_b(family)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "stablelm", "gemma2", "gemma3"])
 def test_gguf_input_converts_exactly(family, tmp_path):
     """The degenerate conversion of a GGUF file equals the model transformers loads from the same file."""
     from transformers import AutoModelForCausalLM
-    from tiny import build_original, build_original_a
-    original = (build_original(family) if family == "llama" else build_original_a(
-        {"gemma3": "gemma3_text"}.get(family, family)) if family.startswith("gemma") else build_original_b(family))
+    original = gguf_original(family)
     path = write_gguf(original, tmp_path / "m.gguf", family)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     block = convert_tiny(path, tmp_path / "b", block_length=1, block_layers=4)
@@ -224,7 +242,7 @@ def test_gguf_input_converts_exactly(family, tmp_path):
         assert hf.config.sliding_window == original.config.sliding_window < tokens().shape[1]
     x = tokens()
     assert_close(block(x).logits, hf(x).logits, rtol=1e-5, atol=5e-5)
-    if family == "llama":  # the file really holds the original (llama.cpp's q/k permutation undone on reading)
+    if family in ("llama", "qwen3"):  # the file really holds the original (llama's q/k permutation undone on reading)
         assert_close(hf(x).logits, original(x).logits, rtol=1e-5, atol=5e-5)
 
 
