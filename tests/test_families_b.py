@@ -177,9 +177,10 @@ def write_gguf(model, path, arch: str, tensors: bool = True):
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_feed_forward_length(getattr(cfg, "intermediate_size", None) or cfg.ffn_hidden_size)  # Falcon: ffn_hidden_size
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    kv = getattr(cfg, "num_key_value_heads", None) or (1 if getattr(cfg, "multi_query", False) else cfg.num_kv_heads)
+    w.add_head_count_kv(kv)  # Falcon names it num_kv_heads, and multi-query means one
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(getattr(cfg, "rms_norm_eps", 1e-5))
     w.add_layer_norm_eps(getattr(cfg, "layer_norm_eps", 1e-5))
@@ -224,12 +225,23 @@ def gguf_original(family: str):
             for p in model.parameters():
                 p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
         return model.eval()
+    if family == "falcon":  # Falcon-7B's layout; its reader assumes the FFN is 4 x hidden, as in real Falcons
+        from transformers import AutoModelForCausalLM, FalconConfig
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, multi_query=True,
+            parallel_attn=True, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+            dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
+        return model.eval()
     if family.startswith("gemma"):
         return build_original_a({"gemma3": "gemma3_text"}.get(family, family))
     return build_original(family) if family == "llama" else build_original_b(family)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "stablelm", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "stablelm", "gemma2", "gemma3", "falcon"])
 def test_gguf_input_converts_exactly(family, tmp_path):
     """The degenerate conversion of a GGUF file equals the model transformers loads from the same file."""
     from transformers import AutoModelForCausalLM
@@ -242,7 +254,7 @@ def test_gguf_input_converts_exactly(family, tmp_path):
         assert hf.config.sliding_window == original.config.sliding_window < tokens().shape[1]
     x = tokens()
     assert_close(block(x).logits, hf(x).logits, rtol=1e-5, atol=5e-5)
-    if family in ("llama", "qwen3"):  # the file really holds the original (llama's q/k permutation undone on reading)
+    if family in ("llama", "qwen3", "falcon"):  # the file really holds the original (llama's q/k permutation undone on reading)
         assert_close(hf(x).logits, original(x).logits, rtol=1e-5, atol=5e-5)
 
 
