@@ -5,6 +5,7 @@ inputs are stand-ins for the original's residual stream at the split layer. This
 the converted model's own inputs or the original's real split-layer states (an oracle), and reports mean NLL per
 token and per position in the block on WikiText-2 test text (first-token alignment, as in training):
 
+  original          the original model itself on the same targets (its attention sees the whole row);
   model             the converted model (--init contextual) as it is;
   true prefix       prefix = [the original's state at position 0 (the sink), its state at the block's last token];
   true tokens       the block's own tokens enter as the original's states instead of the contextual table;
@@ -33,7 +34,7 @@ from blockformer.io import read_text  # noqa: E402
 from blockformer.layers import causal_mask  # noqa: E402
 from blockformer.machine import cpu_name  # noqa: E402
 
-VARIANTS = ("model", "true prefix", "true tokens", "true both")
+VARIANTS = ("original", "model", "true prefix", "true tokens", "true both")
 
 
 @torch.inference_mode()
@@ -42,11 +43,18 @@ def block_nll(model, original, split: int, rows: torch.Tensor, variant: str) -> 
     L, P, td = model.config.block_length, model.config.prefix_length, model.token_decoder
     tot, n = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for r in rows.split(2):
-        H = original(input_ids=r, output_hidden_states=True).hidden_states[split]     # (b, T, D) entering `split`
+        out = original(input_ids=r, output_hidden_states=True)
+        H = out.hidden_states[split]                                                  # (b, T, D) entering `split`
         _, ctx, _ = model.final_hidden(r, None, None, True)                          # (b, N, D); block k ends at L*k
         k = torch.arange((r.shape[1] - 1) // L)                                      # blocks whose next one is whole
         tok_pos = L * k[:, None] + 1 + torch.arange(L - 1)                           # (K, L_B - 1) inputs
         tgt_pos = L * k[:, None] + 1 + torch.arange(L)                               # (K, L_B) targets
+        if variant == "original":  # the same targets, predicted from the position before each of them
+            nll = F.cross_entropy(out.logits[:, tgt_pos - 1].flatten(0, 2).float(), r[:, tgt_pos].flatten(),
+                                  reduction="none").view(-1, L)
+            tot += nll.sum(0).double()
+            n += nll.shape[0]
+            continue
         pre = td.prefix(ctx[:, k])                                                   # (b, K, P, D)
         if variant in ("true prefix", "true both"):
             pre = torch.stack([H[:, 0:1].expand(-1, len(k), -1)] * (P - 1) + [H[:, L * k]], 2)
