@@ -58,3 +58,21 @@ def test_curve_writes_table_json_plot_and_resumes_without_rescoring(run, tiny_di
     calls = []
     monkeypatch.setattr(curve, "score", lambda *a, **k: calls.append(a) or {})
     assert CliRunner().invoke(curve.main, args).exit_code == 0 and calls == []
+
+
+def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path):
+    """bench/window_oracle.py on a tiny model: the first position of a block sees only the prefix, so the variants
+    that share a prefix agree there, and the ones whose token inputs differ do not agree after it."""
+    spec = importlib.util.spec_from_file_location("window_oracle", ROOT / "bench" / "window_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90 + 4}" for j in range(12)) for i in range(300)))
+    res = CliRunner().invoke(oracle.main, ["--source", str(tiny_dirs["llama"]), "--tokens", "256", "--rows", "64",
+                                           "--calib-tokens", "1024", "--calib-data", str(notes),
+                                           "--json-out", str(tmp_path / "o.json")])
+    assert res.exit_code == 0, res.output
+    v = json.loads((tmp_path / "o.json").read_text())["variants"]
+    assert v["model"]["per_position"][0] == pytest.approx(v["true tokens"]["per_position"][0], abs=1e-5)
+    assert v["true prefix"]["per_position"][0] == pytest.approx(v["true both"]["per_position"][0], abs=1e-5)
+    assert v["model"]["per_position"][1] != pytest.approx(v["true tokens"]["per_position"][1], abs=1e-3)
