@@ -15,8 +15,8 @@ from torch.testing import assert_close
 
 from blockformer.errors import BlockformerError
 from blockformer.model import BlockTransformerConfig, BlockTransformerForCausalLM
-from tiny import (NEW_FAMILIES_A, VOCAB, WINDOW, build_original_a, convert_tiny, load_original, perturb_new_parts,
-                  tiny_config_a, tiny_tokenizer)
+from tiny import (NEW_FAMILIES_A, VOCAB, WINDOW, argmax_reference, build_original_a, convert_tiny, load_original,
+                  perturb_new_parts, tiny_config_a, tiny_tokenizer)
 
 T = 48  # > 5 windows of WINDOW tokens
 
@@ -66,14 +66,6 @@ def test_normal_conversion_is_causal(originals, tmp_path, name):
         out = model(y).logits
         assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(out[:, t + 1:], ref[:, t + 1:], atol=1e-4)
-
-
-def argmax_reference(model, prompt, n):
-    seq = prompt.clone()
-    for _ in range(n):
-        logits = model(seq, anchor=torch.tensor([prompt.shape[1] - 1])).logits[0, -1]
-        seq = torch.cat([seq, logits.argmax()[None, None]], 1)
-    return seq
 
 
 @torch.no_grad()

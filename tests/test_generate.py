@@ -5,16 +5,7 @@ import pytest
 import torch
 
 from blockformer.errors import BlockformerError
-from tiny import VOCAB, convert_tiny, perturb_new_parts, tiny_tokenizer
-
-
-def argmax_reference(model, prompt, n):
-    """Repeated full forward passes over the growing sequence, prompt anchored as generation anchors it."""
-    seq = prompt.clone()
-    for _ in range(n):
-        logits = model(seq, anchor=torch.tensor([prompt.shape[1] - 1])).logits[0, -1]
-        seq = torch.cat([seq, logits.argmax()[None, None]], 1)
-    return seq
+from tiny import VOCAB, argmax_reference, convert_tiny, perturb_new_parts, tiny_tokenizer
 
 
 @pytest.fixture

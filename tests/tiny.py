@@ -226,3 +226,12 @@ def build_original_a(name: str):
             if p.dim() == 1 and "bias" not in pname:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+def argmax_reference(model, prompt, n):
+    """Repeated full forward passes over the growing sequence, prompt anchored as generation anchors it."""
+    seq = prompt.clone()
+    for _ in range(n):
+        logits = model(seq, anchor=torch.tensor([prompt.shape[1] - 1])).logits[0, -1]
+        seq = torch.cat([seq, logits.argmax()[None, None]], 1)
+    return seq
