@@ -235,3 +235,15 @@ def argmax_reference(model, prompt, n):
         logits = model(seq, anchor=torch.tensor([prompt.shape[1] - 1])).logits[0, -1]
         seq = torch.cat([seq, logits.argmax()[None, None]], 1)
     return seq
+
+
+def assert_causal(model, x, cuts, atol=1e-6):
+    """Changing the tokens after position t never changes the logits at positions <= t, but does change later ones."""
+    from torch.testing import assert_close
+    ref = model(x).logits
+    for t in cuts:
+        y = x.clone()
+        y[:, t + 1:] = (y[:, t + 1:] + 7) % (VOCAB - 3) + 3
+        out = model(y).logits
+        assert_close(out[:, : t + 1], ref[:, : t + 1], rtol=0, atol=atol)
+        assert not torch.allclose(out[:, t + 1:], ref[:, t + 1:], atol=1e-4)
