@@ -71,14 +71,18 @@ def score(spec: str, role: str, tasks, limits, seed: int) -> dict:
 
 
 def kept(model: dict, original: dict) -> dict:
-    """Share of the original's above-chance accuracy, per task and mean over the accuracy tasks."""
-    out = {}
+    """Share of the original's above-chance accuracy, per task and mean over the accuracy tasks; `mean_stderr` is
+    the mean's standard error from the model's per-task stderr (the original's margin taken as exact)."""
+    out, var = {}, []
     for task, m in model.items():
         if "acc" in m and task in CHANCE:
             above = original[task]["acc"] * 100 - CHANCE[task]
             out[task] = round((m["acc"] * 100 - CHANCE[task]) / above, 3) if above > 0 else None
+            if above > 0:
+                var.append((m.get("acc_stderr", 0) * 100 / above) ** 2)
     vals = [v for v in out.values() if v is not None]
     out["mean"] = round(sum(vals) / len(vals), 3) if vals else None
+    out["mean_stderr"] = round(sum(var) ** 0.5 / len(var), 3) if var else None
     return out
 
 
@@ -91,9 +95,9 @@ def table(curve: dict, tasks) -> str:
         accs = [f"{m[t]['acc'] * 100:.1f} ± {m[t].get('acc_stderr', 0) * 100:.1f}" if t in m else "-" for t in cols]
         lam = f"{m['lambada_openai']['perplexity']:.4g}" if "lambada_openai" in m else "-"
         wiki = f"{m['wikitext']['word_perplexity']:.4g}" if "wikitext" in m else "-"
-        k = p.get("kept", {}).get("mean")
+        k, se = p.get("kept", {}).get("mean"), p.get("kept", {}).get("mean_stderr") or 0
         lines.append(f"| {name} | {p['tokens'] if p['tokens'] is not None else '-'} | " + " | ".join(accs)
-                     + f" | {lam} | {wiki} | {'-' if k is None else f'{k * 100:.0f}%'} |")
+                     + f" | {lam} | {wiki} | {'-' if k is None else f'{k * 100:.0f}% ± {se * 100:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -104,13 +108,14 @@ def plot(curve: dict, out: Path) -> None:
     pts = [(p["tokens"], p) for n, p in curve.items() if n != "original"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = [max(t, 1000) for t, _ in pts]
-    ax[0].plot(xs, [p["kept"]["mean"] * 100 for _, p in pts], "o-", label="mean of the accuracy tasks")
+    ax[0].errorbar(xs, [p["kept"]["mean"] * 100 for _, p in pts], [(p["kept"]["mean_stderr"] or 0) * 100 for _, p in pts],
+                   fmt="o-", capsize=3, label="mean of the accuracy tasks (± stderr)")
     ax[0].axhline(100, color="k", ls="--", label="original")
     ax[0].axhline(50, color="r", ls=":", label="goal (50%)")
     ax[0].set(xscale="log", xlabel="uptraining tokens (0 plotted at 1k)", ylabel="% of above-chance accuracy kept")
     ax[0].legend(fontsize=8)
     if all("wikitext" in p["metrics"] for _, p in pts):
-        ax[1].plot(xs, [p["metrics"]["wikitext"]["word_perplexity"] for _, p in pts], "o-", label="converted")
+        ax[1].plot(xs, [p["metrics"]["wikitext"]["word_perplexity"] for _, p in pts], "o-", label="block model")
         ax[1].axhline(curve["original"]["metrics"]["wikitext"]["word_perplexity"], color="k", ls="--", label="original")
         ax[1].set(xscale="log", yscale="log", xlabel="uptraining tokens", ylabel="WikiText-2 word perplexity")
         ax[1].legend(fontsize=8)

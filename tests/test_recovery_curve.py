@@ -20,11 +20,13 @@ _spec.loader.exec_module(curve)
 
 def test_kept_is_the_share_of_the_originals_margin_over_chance():
     original = {"piqa": {"acc": 0.62}, "arc_easy": {"acc": 0.45}, "wikitext": {"word_perplexity": 40.0}}
-    model = {"piqa": {"acc": 0.56}, "arc_easy": {"acc": 0.20}, "wikitext": {"word_perplexity": 400.0}}
+    model = {"piqa": {"acc": 0.56, "acc_stderr": 0.024}, "arc_easy": {"acc": 0.20, "acc_stderr": 0.02},
+             "wikitext": {"word_perplexity": 400.0}}
     k = curve.kept(model, original)
     assert k["piqa"] == pytest.approx((56 - 50) / (62 - 50))
     assert k["arc_easy"] == pytest.approx((20 - 25) / (45 - 25))          # below chance counts as negative
     assert k["mean"] == pytest.approx((0.5 - 0.25) / 2) and "wikitext" not in k
+    assert k["mean_stderr"] == pytest.approx(((2.4 / 12) ** 2 + (2 / 20) ** 2) ** 0.5 / 2, abs=1e-3)
 
 
 @pytest.fixture(scope="module")
