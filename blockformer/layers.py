@@ -139,7 +139,8 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.hd ** -0.5
         self.softcap = cfg.attn_softcap
 
-    def forward(self, x, rope, mask, cache_at=None):  # x: (B, T, D); mask: (B, 1, T, S) bool, True = attend
+    def forward(self, x, rope, mask, cache_at=None):  # x: (B, T, D); mask: (B, 1, T, S) bool, True = attend; None:
+        #                                               causal (T = S)
         B, T, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.qk_full:  # OLMo2: over all heads' channels, before the head split
@@ -154,10 +155,14 @@ class Attention(nn.Module):
         if cache_at is not None:  # (slots to write, slots to attend): generation's preallocated cache
             k, v = self.cache.update(cache_at[0], k, v)
             k, v = k[:, :, : cache_at[1]], v[:, :, : cache_at[1]]        # (B, H_kv, S, hd)
+        if mask is None:  # plain causal over a square window (a full forward or a prefill from slot 0)
+            assert q.shape[2] == k.shape[2], "a mask of None means causal attention over the same positions"
         if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_head)
         else:
+            if mask is None:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
@@ -238,7 +243,8 @@ class Stack(nn.Module):
         qpos (B or 1, T) and kpos (B or 1, S) are the positions of queries and keys; the diagonal stays open."""
         out = {None: mask}
         for w in {layer.window for layer in self.layers} - {None}:
-            out[w] = mask & ((qpos[:, None, :, None] - kpos[:, None, None, :]) < w)
+            dist = qpos[:, None, :, None] - kpos[:, None, None, :]
+            out[w] = (dist >= 0 if mask is None else mask) & (dist < w)  # None: plain causal, made explicit here
         return out
 
     def setup_cache(self, batch: int, length: int, dtype, device) -> None:
