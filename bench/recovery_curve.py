@@ -96,8 +96,9 @@ def table(curve: dict, tasks) -> str:
         lam = f"{m['lambada_openai']['perplexity']:.4g}" if "lambada_openai" in m else "-"
         wiki = f"{m['wikitext']['word_perplexity']:.4g}" if "wikitext" in m else "-"
         k, se = p.get("kept", {}).get("mean"), p.get("kept", {}).get("mean_stderr") or 0
+        se = 0 if name == "original" else se  # the reference itself: 100% by definition
         lines.append(f"| {name} | {p['tokens'] if p['tokens'] is not None else '-'} | " + " | ".join(accs)
-                     + f" | {lam} | {wiki} | {'-' if k is None else f'{k * 100:.0f}% ± {se * 100:.0f}'} |")
+                     + f" | {lam} | {wiki} | {'-' if k is None else f'{k * 100:.0f}%' + (f' ± {se * 100:.0f}' if se else '')} |")
     return "\n".join(lines)
 
 
