@@ -114,7 +114,8 @@ class BlockDecoder(Stack):
             x = x + self.wpe(pos)
         # no padding: None = plain causal attention, which SDPA runs with its causal kernel; any bool mask sends it
         # to a slower path (prefill of 8 x 1024 positions took twice as long on a CPU)
-        return self.run(x, pos, None if bool(block_mask.all()) else causal_mask(block_mask), cache_at)
+        plain = not block_mask.is_meta and bool(block_mask.all())  # meta tensors (shape dry runs) hold no values
+        return self.run(x, pos, None if plain else causal_mask(block_mask), cache_at)
 
     def prefill(self, x, block_mask) -> tuple[torch.Tensor, "BlockCursor"]:
         """Run the prompt's blocks (B, N, D) through the preallocated cache; the cursor tracks where it stands."""
