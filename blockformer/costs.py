@@ -63,23 +63,28 @@ def stack_cost(s: Shape, new: int, ctx: float, B: int, bytes_el: int) -> tuple[f
     return flops, data
 
 
-def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float, bandwidth: float) -> dict:
+def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float, bandwidth: float,
+            decode_bandwidth: float | None = None) -> dict:
     """Predicted seconds for the original and the block model generating G tokens after a P-token prompt.
 
-    Costs are linear in the context, so each decoding phase is costed at its mean context.
+    Costs are linear in the context, so each decoding phase is costed at its mean context. Decoding steps multiply
+    only B rows by each weight matrix; `decode_bandwidth` is the weight-streaming rate such skinny products reach
+    (`skinny_bandwidth`, measured at this batch), far below a copy's on a CPU; by default the copy bandwidth.
     """
+    decode_bandwidth = decode_bandwidth or bandwidth
     c, L, p = cfg_block, cfg_block.block_length, cfg_block.prefix_length
     head, emb = c.hidden_size * c.vocab_size, L * c.hidden_size * c.hidden_size
     orig = layer_shape(c, c.num_block_layers + c.num_token_layers, bytes_el)
     bd, td = layer_shape(c, c.num_block_layers, bytes_el), layer_shape(c, c.num_token_layers, bytes_el)
 
-    def t(stack, new, ctx, extra, rows=1):  # a stack call plus `extra` parameters applied to `rows` positions
+    def t(stack, new, ctx, extra, rows=1, step=True):  # a stack call plus `extra` parameters on `rows` positions
         f, b = stack_cost(stack, new, ctx, B, bytes_el)
-        return max((f + 2 * B * rows * extra) / peak_flops, (b + extra * bytes_el) / bandwidth)
+        bw = decode_bandwidth if step else bandwidth  # a decoding step streams weights for B rows only
+        return max((f + 2 * B * rows * extra) / peak_flops, (b + extra * bytes_el) / bw)
 
-    vanilla = t(orig, P, P / 2, head) + G * t(orig, 1, P + G / 2, head)   # the head runs on the last position
+    vanilla = t(orig, P, P / 2, head, step=False) + G * t(orig, 1, P + G / 2, head)  # head on the last position
     nb = P / L
-    block = t(bd, round(nb), nb / 2, emb, round(nb))                        # block-level prefill only
+    block = t(bd, round(nb), nb / 2, emb, round(nb), step=False)            # block-level prefill only
     per_block = (t(bd, 1, nb + G / (2 * L), emb)                            # one block-decoder step
                  + t(td, p, p / 2, head)                                    # prefix -> first token
                  + (L - 1) * t(td, 1, p + L / 2, head))                     # the block's other tokens
@@ -99,6 +104,15 @@ def machine_rates(dtype=torch.float32, device="cpu", seconds: float = 1.0) -> tu
     dst = torch.empty(big.numel(), dtype=dtype, device=device)
     bw = _rate(lambda: dst.copy_(big), 2 * big.numel() * big.element_size(), seconds, device)
     return flops, bw
+
+
+def skinny_bandwidth(rows: int, dtype=torch.float32, device="cpu", seconds: float = 0.5) -> float:
+    """Weight bytes per second streamed by (rows x n) @ (n x 4n) products, the shape of a decoding step at batch
+    `rows`; the weight (64 MiB in fp32) does not fit in a cache, so this is what decoding can reach."""
+    n = 2048 if torch.device(device).type == "cpu" else 4096
+    x = torch.randn(rows, n, dtype=dtype, device=device)
+    w = torch.randn(4 * n, n, dtype=dtype, device=device)
+    return _rate(lambda: torch.nn.functional.linear(x, w), w.numel() * w.element_size(), seconds, device)
 
 
 def synchronize(device) -> None:

@@ -83,6 +83,19 @@ def test_cost_model_prefers_the_block_model_at_long_prompts(pair):
     assert long > short and long > 1
 
 
+def test_slower_decoding_steps_lower_the_predicted_decode_heavy_time_share(pair):
+    """Skinny decoding products stream weights slower than a copy: with a lower decode bandwidth every decoding
+    phase costs more, the prompt's prefill does not, and the default is the copy bandwidth."""
+    from tiny import load_block
+    cfg = load_block(pair[0]).config
+    same = costs.predict(cfg, 64, 32, 4, 4, 1e11, 2e10)
+    assert costs.predict(cfg, 64, 32, 4, 4, 1e11, 2e10, 2e10) == same
+    slow = costs.predict(cfg, 64, 32, 4, 4, 1e11, 2e10, 2e9)
+    assert slow["original_s"] > same["original_s"] and slow["block_s"] > same["block_s"]
+    prefill_only = costs.predict(cfg, 64, 0, 4, 4, 1e11, 2e10, 2e9)
+    assert prefill_only["original_s"] == costs.predict(cfg, 64, 0, 4, 4, 1e11, 2e10)["original_s"]
+
+
 def test_rates_are_measured_on_the_bench_device(pair, monkeypatch, tmp_path):
     """The roofline's matmul rate and bandwidth come from the device the models run on, not from the CPU."""
     from blockformer.bench import BenchConfig, run_bench
@@ -92,11 +105,14 @@ def test_rates_are_measured_on_the_bench_device(pair, monkeypatch, tmp_path):
         seen.append((dtype, str(device)))
         return 1e12, 1e11
     monkeypatch.setattr(costs, "machine_rates", fake_rates)
+    monkeypatch.setattr(costs, "skinny_bandwidth", lambda rows, dtype, device="<not passed>", seconds=0.5:
+                        seen.append(("skinny", rows, str(device))) or 5e10)
     monkeypatch.setattr(costs.torch.cuda, "is_available", lambda: True)  # a CUDA machine benching on "cpu"
     monkeypatch.setattr(costs.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     res = run_bench(BenchConfig(str(pair[0]), None, {"t": (8, 4)}, (1,), 1, dtype="float32", device="cpu"),
                     log=lambda s: None)
-    assert seen == [(costs.torch.float32, "cpu")]
+    assert seen == [(costs.torch.float32, "cpu"), ("skinny", 1, "cpu")]
+    assert res["machine"]["decode_gbs_by_batch"] == {1: 50.0}
     assert res["machine"]["matmul_gflops"] == 1000 and res["machine"]["device"] == "cpu"
     assert res["machine"]["cuda"] is None   # the bench ran on the CPU, so no GPU name is reported
 
