@@ -89,9 +89,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 point[f"speedup_vs_{role}"] = point["block"]["tokens_per_s"] / point[role]["tokens_per_s"]
             if "original" in point:
                 point["speedup"] = point["speedup_vs_original"]  # against HF generate, as the report has it
-            decode_bw = costs.skinny_bandwidth(B, getattr(torch, cfg.dtype), cfg.device)
-            res["machine"].setdefault("decode_gbs_by_batch", {})[B] = decode_bw / 1e9
-            point["predicted"] = costs.predict(model.config, P, G, B, bytes_el, peak, bw, decode_bw)
+            decode_gbs = res["machine"].setdefault("decode_gbs_by_batch", {})
+            if B not in decode_gbs:  # once per batch size, however many scenarios use it
+                decode_gbs[B] = costs.skinny_bandwidth(B, getattr(torch, cfg.dtype), cfg.device) / 1e9
+            point["predicted"] = costs.predict(model.config, P, G, B, bytes_el, peak, bw, decode_gbs[B] * 1e9)
             if "original_same_engine" in point:  # the cost model predicts the architecture's ratio
                 point["measured_over_predicted"] = point["speedup_vs_original_same_engine"] / point["predicted"]["speedup"]
             res["points"].append(point)

@@ -109,9 +109,9 @@ def test_rates_are_measured_on_the_bench_device(pair, monkeypatch, tmp_path):
                         seen.append(("skinny", rows, str(device))) or 5e10)
     monkeypatch.setattr(costs.torch.cuda, "is_available", lambda: True)  # a CUDA machine benching on "cpu"
     monkeypatch.setattr(costs.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    res = run_bench(BenchConfig(str(pair[0]), None, {"t": (8, 4)}, (1,), 1, dtype="float32", device="cpu"),
-                    log=lambda s: None)
-    assert seen == [(costs.torch.float32, "cpu"), ("skinny", 1, "cpu")]
+    res = run_bench(BenchConfig(str(pair[0]), None, {"t": (8, 4), "u": (6, 2)}, (1,), 1, dtype="float32",
+                                device="cpu"), log=lambda s: None)
+    assert seen == [(costs.torch.float32, "cpu"), ("skinny", 1, "cpu")]  # two scenarios, one batch: measured once
     assert res["machine"]["decode_gbs_by_batch"] == {1: 50.0}
     assert res["machine"]["matmul_gflops"] == 1000 and res["machine"]["device"] == "cpu"
     assert res["machine"]["cuda"] is None   # the bench ran on the CPU, so no GPU name is reported

@@ -209,11 +209,12 @@ class Scorer:
             ids[b, : len(inp)] = torch.tensor(inp)
         # rows start at index 0 (right padding), so the first real token is index 0; else the last context token
         anchor = torch.tensor([0 if self.anchor == "first" else len(inp) - len(cont) for inp, cont in rows])
+        spans = [(len(inp), cont) for inp, cont in rows]
         need = torch.zeros_like(ids, dtype=torch.bool)  # the continuation's positions: only they are scored
-        for b, (inp, cont) in enumerate(rows):
-            need[b, len(inp) - len(cont): len(inp)] = True
+        for b, (end, cont) in enumerate(spans):
+            need[b, end - len(cont): end] = True
         h = self._hidden(ids.to(self.device), anchor.to(self.device), need.to(self.device))   # (B, T, D)
-        return self._gather_scores(h, [(len(inp), cont) for inp, cont in rows])
+        return self._gather_scores(h, spans)
 
     def _gather_scores(self, h, rows):
         """rows: (end, continuation) per batch row; positions end-len(cont) .. end-1 of h predict it."""
