@@ -12,6 +12,9 @@ from pathlib import Path
 import click
 
 from .errors import BlockformerError
+from .uptrain.config import SynthConfig
+
+SYNTH = SynthConfig("", Path())  # the defaults of `synth`, written once
 
 
 def friendly(fn):
@@ -108,6 +111,29 @@ def eval_(model, baseline, tasks, data_dir, limit, seed, batch_tokens, max_lengt
                             overwrite, device=device, anchor=anchor, role=role))
     click.echo(table(r))
     click.echo(f"wrote {out}/results.json, samples.json and results.png")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .jsonl file to write (one {text, kind, topic} per line).")
+@click.option("--tokens", type=int, default=SYNTH.tokens, show_default=True, help="Stop once this many tokens are written.")
+@click.option("--kinds", default=",".join(SYNTH.kinds), show_default=True,
+              help="Comma-separated kinds of text: article (expository), story (narrative), howto (procedural).")
+@click.option("--batch-size", type=int, default=SYNTH.batch_size, show_default=True, help="Prompts generated together.")
+@click.option("--max-new-tokens", type=int, default=SYNTH.max_new_tokens, show_default=True, help="Longest document.")
+@click.option("--temperature", type=float, default=SYNTH.temperature, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=float, default=SYNTH.top_p, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=SYNTH.seed, show_default=True, help="Seed of the prompt order and sampling.")
+@click.option("--overwrite", is_flag=True, help="Replace --out.")
+@friendly
+def synth(source, out, tokens, kinds, batch_size, max_new_tokens, temperature, top_p, seed, overwrite):
+    """Let SOURCE (the original model) write a training corpus to distil on (`uptrain --data OUT`)."""
+    from .uptrain.synth import SynthConfig, synth as run
+    cfg = SynthConfig(source, out, tokens, tuple(k.strip() for k in kinds.split(",") if k.strip()), batch_size,
+                      max_new_tokens, temperature, top_p, seed, overwrite)
+    s = run(cfg)
+    click.echo(f"wrote {out}: {s['documents']} documents, {s['tokens']:,} tokens in {s['seconds']:.0f} s "
+               f"({s['tokens_per_s']:.0f} tokens/s)")
 
 
 @main.command()

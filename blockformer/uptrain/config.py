@@ -10,6 +10,7 @@ from ..errors import BlockformerError
 # Parts of a Block Transformer that --freeze can name (a dotted sub-part such as embedder.proj works too).
 FREEZE_PARTS = ("embedder", "block_decoder", "token_decoder")
 PRECISIONS = ("auto", "bf16", "fp32")
+SYNTH_KINDS = ("article", "story", "howto")  # kinds of teacher-written text (synth.py)
 
 
 @dataclass
@@ -125,3 +126,30 @@ def check_freeze(freeze) -> None:
     for part in freeze:
         if part.split(".")[0] not in FREEZE_PARTS:
             raise BlockformerError(f"freeze (--freeze): unknown part '{part}' (known: {', '.join(FREEZE_PARTS)})")
+
+
+@dataclass
+class SynthConfig:
+    """The options of `blockformer synth` (uptrain/synth.py)."""
+    source: str
+    out: Path
+    tokens: int = 65536             # stop once this many tokens are written
+    kinds: tuple[str, ...] = ("article", "story", "howto")
+    batch_size: int = 16            # prompts generated together
+    max_new_tokens: int = 320       # longest document
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    overwrite: bool = False
+
+    def check(self) -> None:
+        unknown = [k for k in self.kinds if k not in SYNTH_KINDS]
+        if unknown or not self.kinds:
+            raise BlockformerError(f"kinds (--kinds) must be among {', '.join(SYNTH_KINDS)} (got {', '.join(unknown)})")
+        for name in ("tokens", "batch_size", "max_new_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise BlockformerError(f"{name} (--{name.replace('_', '-')}) must be a positive integer")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise BlockformerError("--temperature must be > 0 and --top-p in (0, 1]")
+        if Path(self.out).exists() and not self.overwrite:
+            raise BlockformerError(f"{self.out} already exists; pass --overwrite to replace it")
