@@ -152,14 +152,14 @@ def test_shipped_recipes_validate_and_document_every_key():
     for p in shipped:
         load_recipe(str(p))
     default = yaml.safe_load((RECIPES / "smollm2-135m-cpu.yaml").read_text())
-    for stage in ("convert", "uptrain", "eval", "bench"):
+    for stage in ("convert", "synth", "uptrain", "eval", "bench"):
         assert set(default[stage]) == set(section_defaults(stage)), stage
     for line in (RECIPES / "smollm2-135m-cpu.yaml").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line or line.startswith("    "), f"key without a comment: {line}"
     # the default recipe shows the defaults: leaving every key out gives the same job
     shown, implied = load_recipe("smollm2-135m-cpu"), build({}, Path("no-keys.yaml"))
-    for k in ("source", "out", "data_dir", "convert", "uptrain", "eval", "bench"):
+    for k in ("source", "out", "data_dir", "convert", "synth", "uptrain", "eval", "bench"):
         assert getattr(shown, k) == getattr(implied, k), k
 
 
@@ -191,3 +191,22 @@ def test_missing_recipe_and_foreign_out_folder(tmp_path, tiny_dirs, data_dir):
     assert (mine / "precious.txt").read_text() == "keep"
     with pytest.raises(BlockformerError, match="not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_synth_stage_feeds_uptraining_and_is_reused(tiny_dirs, data_dir, tmp_path):
+    synth = {"enabled": True, "tokens": 30, "batch_size": 3, "max_new_tokens": 6}
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dirs["llama"], data_dir, synth=synth, uptrain__data="synth",
+                         uptrain__val_fraction=0.2, eval={"enabled": False}, bench={"enabled": False})
+    results = run(RunConfig(str(recipe)), log=lambda *_: None)
+    written = tmp_path / "run" / "synth" / "teacher.jsonl"
+    assert results["synth"]["tokens"] >= 30 and results["uptrain"]["data"] == str(written)
+    assert "Teacher-written training text" in (tmp_path / "run" / "report.md").read_text()
+    logs = []
+    run(RunConfig(str(recipe)), log=logs.append)
+    assert any("[synth] up to date" in line for line in logs) and any("[uptrain] up to date" in line for line in logs)
+
+
+def test_training_on_synth_needs_the_synth_stage(tiny_dirs, data_dir, tmp_path):
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dirs["llama"], data_dir, uptrain__data="synth")
+    with pytest.raises(BlockformerError, match="synth.enabled: true"):
+        load_recipe(str(recipe))

@@ -16,23 +16,25 @@ from ..convert import ConvertConfig
 from ..errors import BlockformerError
 from ..eval.harness import EvalConfig
 from ..uptrain import UptrainConfig
-from ..uptrain.config import step_budget
+from ..uptrain.config import SynthConfig, step_budget
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "smollm2-135m-cpu.yaml"
 
 # Keys the pipeline fills in itself (models, output folders, resume flags), so a recipe cannot set them.
 SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", "extra", "data_dir", "role"}
+SYNTH_DATA = "synth"  # uptrain.data naming the synth stage's teacher-written corpus
 
 # Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
 RECIPE_DEFAULTS = {
+    "synth": {"enabled": False},
     "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768},
     "uptrain": {"data": "corpus/gutenberg", "teacher": "source", "max_tokens": 32768, "seq_len": 256,
                 "warmup_steps": 4, "eval_every": 8, "save_every": 8},
     "eval": {"limit": 50, "tasks": ["piqa", "arc_easy", "hellaswag", "lambada_openai"]},
     "bench": {"scenarios": {k: list(v) for k, v in QUICK.items()}, "repeats": 2, "device": "auto"},
 }
-STAGE_CONFIGS = {"convert": ConvertConfig, "uptrain": UptrainConfig, "eval": EvalConfig, "bench": BenchConfig}
+STAGE_CONFIGS = {"convert": ConvertConfig, "synth": SynthConfig, "uptrain": UptrainConfig, "eval": EvalConfig, "bench": BenchConfig}
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Recipe:
     out: str = "runs/smollm2-135m-cpu"
     data_dir: str | None = None     # tasks+corpus; None: $BLOCKFORMER_DATA_DIR, bundled, hub
     convert: dict = field(default_factory=dict)
+    synth: dict = field(default_factory=dict)
     uptrain: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     bench: dict = field(default_factory=dict)
@@ -124,6 +127,9 @@ def build(raw: dict, path: Path) -> Recipe:
     for stage in STAGE_CONFIGS:
         check_values(path, stage, r.options(stage))
     check_budget(path, r)
+    if r.enabled("uptrain") and r.uptrain["data"] == SYNTH_DATA and not r.enabled("synth"):
+        raise BlockformerError(f"{path}: uptrain.data is '{SYNTH_DATA}' (the teacher-written corpus) but the synth "
+                               f"stage is off; set synth.enabled: true")
     return r
 
 

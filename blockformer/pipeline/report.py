@@ -58,6 +58,10 @@ def document(r: dict, figs: Path) -> list[tuple]:
                  f"{sum(r['stage_seconds'].values()):.0f} s in all"
                  + (f" ({', '.join(r['reused_stages'])} reused from an earlier run)." if r["reused_stages"] else "."))]
     doc += conversion(c)
+    if r.get("synth"):
+        s = r["synth"]
+        doc.append(("p", f"Teacher-written training text (`blockformer synth`): {s['documents']} documents, "
+                         f"{s['tokens']:,} tokens in {s['seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s)."))
     if r.get("uptrain"):
         doc += uptraining(r["uptrain"], figs)
     if r.get("eval"):

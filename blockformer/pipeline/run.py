@@ -26,9 +26,9 @@ from ..errors import BlockformerError
 from ..eval.harness import resolve_device
 from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_name
-from .recipe import Recipe, load_recipe
+from .recipe import SYNTH_DATA, Recipe, load_recipe
 
-STAGES = ("convert", "uptrain", "eval", "bench", "report")
+STAGES = ("convert", "synth", "uptrain", "eval", "bench", "report")
 
 
 @dataclass
@@ -72,7 +72,8 @@ def prepare_root(root: Path, overwrite: bool) -> None:
 
 
 def resolved(recipe: Recipe) -> dict:
-    return {k: getattr(recipe, k) for k in ("path", "source", "out", "data_dir", "convert", "uptrain", "eval", "bench")}
+    return {k: getattr(recipe, k) for k in ("path", "source", "out", "data_dir", "convert", "synth", "uptrain", "eval",
+                                            "bench")}
 
 
 class Job:
@@ -86,13 +87,14 @@ class Job:
 
     def all(self) -> dict:
         conv = self.convert()
-        up = self.uptrain(conv) if self.recipe.enabled("uptrain") else None
+        syn = self.synth() if self.recipe.enabled("synth") and self.recipe.enabled("uptrain") else None
+        up = self.uptrain(conv, syn) if self.recipe.enabled("uptrain") else None
         models = {"original": (self.recipe.source, self.source_fp), "converted": (conv["dir"], conv["key"])}
         if up:
             models["uptrained"] = (up["model_dir"], up["key"])
         ev = {role: self.eval(role, *spec) for role, spec in models.items()} if self.recipe.enabled("eval") else {}
         bench = self.bench(conv) if self.recipe.enabled("bench") else None
-        return {"recipe": resolved(self.recipe), "convert": conv, "uptrain": up, "eval": ev, "bench": bench,
+        return {"recipe": resolved(self.recipe), "convert": conv, "synth": syn, "uptrain": up, "eval": ev, "bench": bench,
                 "stage_seconds": self.timings, "reused_stages": self.reused, "environment": environment()}
 
     # ------------------------------------------------------------------------------------------- stages
@@ -107,11 +109,23 @@ class Job:
             return {**s, "dir": str(out)}
         return self.stage("convert", key, out / "config.json", work)
 
-    def uptrain(self, conv: dict) -> dict:
+    def synth(self) -> dict:
+        from ..uptrain.synth import SynthConfig, synth
+        opts = self.recipe.options("synth")
+        opts["kinds"] = tuple(opts["kinds"])
+        out = self.root / "synth" / "teacher.jsonl"
+        key = digest("synth", self.source_fp, opts)
+
+        def work():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            return {**synth(SynthConfig(self.recipe.source, out, overwrite=True, **opts)), "file": str(out)}
+        return self.stage("synth", key, out, work)
+
+    def uptrain(self, conv: dict, syn: dict | None) -> dict:
         from ..uptrain import UptrainConfig, uptrain
         from ..uptrain.train import latest_checkpoint
         opts = self.recipe.options("uptrain")
-        opts["data"] = self.data_path(opts["data"])
+        opts["data"] = syn["file"] if syn and opts["data"] == SYNTH_DATA else self.data_path(opts["data"])
         opts["teacher"] = self.recipe.source if opts["teacher"] == "source" else opts["teacher"]
         opts["freeze"] = tuple(opts["freeze"])
         out = self.root / "uptrained"
