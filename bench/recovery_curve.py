@@ -8,6 +8,8 @@ table, writes JSON (`--out`/curve.json), a markdown table and a plot; the last s
 
     python bench/recovery_curve.py --original default --point 0=runs/curve/ctx \
         --point 65536=runs/curve/up256k/checkpoints/step-64 --point 262144=runs/curve/up256k/model --out runs/curve
+    python bench/recovery_curve.py --original default --point 0=runs/curve/ctx --point 16384/books=runs/a/model \
+        --point 16384/teacher-text=runs/b/model --out runs/methods          # methods side by side: TOKENS/METHOD=PATH
     python bench/recovery_curve.py --original tiny/ --point 0=tiny-block/ --limit 20 --lambada-limit 20 \
         --tasks piqa,lambada_openai --out /tmp/curve                                    # tiny CPU variant
 """
@@ -45,8 +47,10 @@ def export_checkpoint(step_dir: Path, converted: Path) -> Path:
     return out
 
 
-def resolve_point(spec: str) -> tuple[int, str]:
-    tokens, _, path = spec.partition("=")
+def resolve_point(spec: str) -> tuple[int, str, str]:
+    """'TOKENS=PATH' or 'TOKENS/METHOD=PATH' (points of several methods in one table and plot, a line each)."""
+    head, _, path = spec.partition("=")
+    tokens, _, method = head.partition("/")
     p = Path(path)
     if p.name.startswith("step-"):  # a checkpoint: export it beside the run's other outputs
         run = p.parent.parent
@@ -55,7 +59,7 @@ def resolve_point(spec: str) -> tuple[int, str]:
             raise click.BadParameter(f"{conf} (the uptraining config naming the converted model) is missing")
         converted = json.loads(conf.read_text())["model"]
         path = str(export_checkpoint(p, Path(converted)))
-    return int(tokens), path
+    return int(tokens), path, method
 
 
 def score(spec: str, role: str, tasks, limits, seed: int) -> dict:
@@ -106,17 +110,21 @@ def plot(curve: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [(p["tokens"], p) for n, p in curve.items() if n != "original"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    xs = [max(t, 1000) for t, _ in pts]
-    ax[0].errorbar(xs, [p["kept"]["mean"] * 100 for _, p in pts], [(p["kept"]["mean_stderr"] or 0) * 100 for _, p in pts],
-                   fmt="o-", capsize=3, label="mean of the accuracy tasks (± stderr)")
+    methods = dict.fromkeys(p.get("method", "") for n, p in curve.items() if n != "original")
+    for m in methods:  # the conversion (0 tokens) starts every method's line
+        pts = sorted([(p["tokens"], p) for n, p in curve.items() if n != "original"
+                      and (p.get("method", "") == m or p["tokens"] == 0)], key=lambda tp: tp[0])
+        xs = [max(t, 1000) for t, _ in pts]
+        ax[0].errorbar(xs, [p["kept"]["mean"] * 100 for _, p in pts], [(p["kept"]["mean_stderr"] or 0) * 100 for _, p in pts],
+                       fmt="o-", capsize=3, label=f"{m or 'default method'}: mean kept (± stderr)")
+        if all("wikitext" in p["metrics"] for _, p in pts):
+            ax[1].plot(xs, [p["metrics"]["wikitext"]["word_perplexity"] for _, p in pts], "o-", label=m or "default method")
     ax[0].axhline(100, color="k", ls="--", label="original")
     ax[0].axhline(50, color="r", ls=":", label="goal (50%)")
     ax[0].set(xscale="log", xlabel="uptraining tokens (0 plotted at 1k)", ylabel="% of above-chance accuracy kept")
     ax[0].legend(fontsize=8)
-    if all("wikitext" in p["metrics"] for _, p in pts):
-        ax[1].plot(xs, [p["metrics"]["wikitext"]["word_perplexity"] for _, p in pts], "o-", label="block model")
+    if any("wikitext" in p["metrics"] for p in curve.values()):
         ax[1].axhline(curve["original"]["metrics"]["wikitext"]["word_perplexity"], color="k", ls="--", label="original")
         ax[1].set(xscale="log", yscale="log", xlabel="uptraining tokens", ylabel="WikiText-2 word perplexity")
         ax[1].legend(fontsize=8)
@@ -140,12 +148,15 @@ def main(original, points, tasks, limit, lambada_limit, wikitext_limit, seed, ou
     out.mkdir(parents=True, exist_ok=True)
     done = json.loads((out / "curve.json").read_text())["points"] if (out / "curve.json").exists() else {}
     curve = {}
-    for name, spec, tokens in [("original", original, None)] + [(f"{t} tokens", p, t) for t, p in map(resolve_point, points)]:
+    todo = [("original", original, None, "")] + [(f"{t} tokens" + (f" ({m})" if m else ""), p, t, m)
+                                                  for t, p, m in map(resolve_point, points)]
+    for name, spec, tokens, method in todo:
         prev = done.get(name)
         if prev and prev["spec"] == spec and set(prev["metrics"]) >= set(tasks):  # resumable: scored points are kept
             curve[name] = prev
         else:
-            curve[name] = {"spec": spec, "tokens": tokens, "metrics": score(spec, name, tasks, limits, seed)}
+            curve[name] = {"spec": spec, "tokens": tokens, "method": method,
+                           "metrics": score(spec, name, tasks, limits, seed)}
         curve[name]["kept"] = kept(curve[name]["metrics"], curve["original"]["metrics"])
         (out / "curve.json").write_text(json.dumps({"cpu": cpu_name(), "limits": limits, "points": curve}, indent=2))
     md = table(curve, tasks)

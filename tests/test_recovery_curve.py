@@ -78,3 +78,14 @@ def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path):
     assert v["model"]["per_position"][0] == pytest.approx(v["true tokens"]["per_position"][0], abs=1e-5)
     assert v["true prefix"]["per_position"][0] == pytest.approx(v["true both"]["per_position"][0], abs=1e-5)
     assert v["model"]["per_position"][1] != pytest.approx(v["true tokens"]["per_position"][1], abs=1e-3)
+
+
+def test_points_of_several_methods_at_one_budget_stay_apart(tmp_path):
+    assert curve.resolve_point(f"16384/books={tmp_path}") == (16384, str(tmp_path), "books")
+    assert curve.resolve_point(f"0={tmp_path}") == (0, str(tmp_path), "")
+    metrics = {"piqa": {"acc": 0.6, "acc_stderr": 0.02}}
+    points = {"original": {"tokens": None, "method": "", "metrics": metrics, "kept": {"mean": 1.0, "mean_stderr": 0}},
+             **{f"16384 tokens ({m})": {"tokens": 16384, "method": m, "metrics": metrics,
+                                        "kept": {"mean": 0.2, "mean_stderr": 0.05}} for m in ("books", "teacher")}}
+    curve.plot(points, tmp_path / "c.png")   # one line per method; equal budgets must not be compared as dicts
+    assert (tmp_path / "c.png").stat().st_size > 0
