@@ -111,7 +111,9 @@ def plot(curve: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    methods = dict.fromkeys(p.get("method", "") for n, p in curve.items() if n != "original")
+    points = [p for n, p in curve.items() if n != "original"]
+    # a method is a line of its trained points; the conversion alone is a line only when nothing was trained
+    methods = dict.fromkeys(p.get("method", "") for p in points if p["tokens"]) or {"": None}
     for m in methods:  # the conversion (0 tokens) starts every method's line
         pts = sorted([(p["tokens"], p) for n, p in curve.items() if n != "original"
                       and (p.get("method", "") == m or p["tokens"] == 0)], key=lambda tp: tp[0])

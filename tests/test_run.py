@@ -194,7 +194,7 @@ def test_missing_recipe_and_foreign_out_folder(tmp_path, tiny_dirs, data_dir):
 
 
 def test_synth_stage_feeds_uptraining_and_is_reused(tiny_dirs, data_dir, tmp_path):
-    synth = {"enabled": True, "tokens": 30, "batch_size": 3, "max_new_tokens": 6}
+    synth = {"tokens": 30, "batch_size": 3, "max_new_tokens": 6}
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dirs["llama"], data_dir, synth=synth, uptrain__data="synth",
                          uptrain__val_fraction=0.2, eval={"enabled": False}, bench={"enabled": False})
     results = run(RunConfig(str(recipe)), log=lambda *_: None)
@@ -206,7 +206,7 @@ def test_synth_stage_feeds_uptraining_and_is_reused(tiny_dirs, data_dir, tmp_pat
     assert any("[synth] up to date" in line for line in logs) and any("[uptrain] up to date" in line for line in logs)
 
 
-def test_training_on_synth_needs_the_synth_stage(tiny_dirs, data_dir, tmp_path):
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dirs["llama"], data_dir, uptrain__data="synth")
-    with pytest.raises(BlockformerError, match="synth.enabled: true"):
-        load_recipe(str(recipe))
+def test_synth_runs_only_when_uptraining_reads_it(finished):
+    root, results, _, _ = finished          # its recipe trains on the bundled corpus
+    assert results["synth"] is None and not (root / "synth").exists()
+    assert "enabled" not in section_defaults("synth")

@@ -23,13 +23,13 @@ DEFAULT_RECIPE = RECIPES / "smollm2-135m-cpu.yaml"
 
 # Keys the pipeline fills in itself (models, output folders, resume flags), so a recipe cannot set them.
 SET_BY_PIPELINE = {"source", "model", "baseline", "out", "overwrite", "resume", "extra", "data_dir", "role"}
-SYNTH_DATA = "synth"  # uptrain.data naming the synth stage's teacher-written corpus
+SYNTH_DATA = "synth"  # uptrain.data naming the synth stage's teacher-written corpus: the stage runs only then
 
 # Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
 RECIPE_DEFAULTS = {
-    "synth": {"enabled": False},
+    "synth": {"tokens": 32768},
     "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768},
-    "uptrain": {"data": "corpus/gutenberg", "teacher": "source", "max_tokens": 32768, "seq_len": 256,
+    "uptrain": {"data": SYNTH_DATA, "teacher": "source", "max_tokens": 32768, "seq_len": 256,
                 "warmup_steps": 4, "eval_every": 8, "save_every": 8},
     "eval": {"limit": 50, "tasks": ["piqa", "arc_easy", "hellaswag", "lambada_openai"]},
     "bench": {"scenarios": {k: list(v) for k, v in QUICK.items()}, "repeats": 2, "device": "auto"},
@@ -59,7 +59,8 @@ class Recipe:
 
 def section_defaults(stage: str) -> dict:
     fields = {f.name: f for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in SET_BY_PIPELINE}
-    out = {} if stage == "convert" else {"enabled": True}  # every later stage needs the conversion
+    # every later stage needs the conversion; synth runs exactly when uptrain.data asks for its corpus
+    out = {} if stage in ("convert", "synth") else {"enabled": True}
     for name, f in fields.items():
         has = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         out[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory() if has else None
@@ -127,9 +128,6 @@ def build(raw: dict, path: Path) -> Recipe:
     for stage in STAGE_CONFIGS:
         check_values(path, stage, r.options(stage))
     check_budget(path, r)
-    if r.enabled("uptrain") and r.uptrain["data"] == SYNTH_DATA and not r.enabled("synth"):
-        raise BlockformerError(f"{path}: uptrain.data is '{SYNTH_DATA}' (the teacher-written corpus) but the synth "
-                               f"stage is off; set synth.enabled: true")
     return r
 
 

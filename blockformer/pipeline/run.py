@@ -87,8 +87,9 @@ class Job:
 
     def all(self) -> dict:
         conv = self.convert()
-        syn = self.synth() if self.recipe.enabled("synth") and self.recipe.enabled("uptrain") else None
-        up = self.uptrain(conv, syn) if self.recipe.enabled("uptrain") else None
+        train = self.recipe.enabled("uptrain")
+        syn = self.synth() if train and self.recipe.uptrain["data"] == SYNTH_DATA else None
+        up = self.uptrain(conv, syn) if train else None
         models = {"original": (self.recipe.source, self.source_fp), "converted": (conv["dir"], conv["key"])}
         if up:
             models["uptrained"] = (up["model_dir"], up["key"])
@@ -125,7 +126,7 @@ class Job:
         from ..uptrain import UptrainConfig, uptrain
         from ..uptrain.train import latest_checkpoint
         opts = self.recipe.options("uptrain")
-        opts["data"] = syn["file"] if syn and opts["data"] == SYNTH_DATA else self.data_path(opts["data"])
+        opts["data"] = syn["file"] if opts["data"] == SYNTH_DATA else self.data_path(opts["data"])
         opts["teacher"] = self.recipe.source if opts["teacher"] == "source" else opts["teacher"]
         opts["freeze"] = tuple(opts["freeze"])
         out = self.root / "uptrained"
