@@ -30,8 +30,7 @@ def timed(model, ids, gen_len):
 
 
 def compile_token_steps(model):
-    td = model.token_decoder
-    td.run_layers = torch.compile(td.run_layers, dynamic=False)   # instance attribute shadows the method
+    model.compile_decoding()        # an instance attribute that shadows TokenDecoder.run_layers
 
 
 def eager(model):

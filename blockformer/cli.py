@@ -146,8 +146,11 @@ def synth(source, out, tokens, kinds, batch_size, max_new_tokens, temperature, t
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this probability mass.")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Compile the token decoder's step (Block Transformers): 1.14x faster decoding here after a 1-2 min "
+                   "first call, so only for long generations.")
 @friendly
-def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat):
+def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, compile_):
     """Stream MODEL's continuation of PROMPT to the terminal."""
     import time
     import torch
@@ -158,6 +161,10 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
         raise BlockformerError("empty prompt")
     src = sources.resolve(model)
     m, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
+    if compile_:
+        if not hasattr(m, "compile_decoding"):
+            raise BlockformerError("--compile applies to Block Transformers; this is a vanilla model")
+        m.compile_decoding()
     if chat:
         if not tok.chat_template:
             raise BlockformerError("--chat: this tokenizer has no chat template")

@@ -156,3 +156,20 @@ def test_scorer_greedy_until_is_generate_cut_at_the_stop_string(tiny_dirs, tmp_p
     stop = tok.decode(new[3:5])  # a stop string made of the 4th and 5th generated tokens
     cut = scorer.greedy_until(context, [stop], 8)
     assert cut == full[: full.index(stop)] and len(cut) < len(full)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_tokens_of_eager_decoding(tiny_dirs, tmp_path):
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b"))
+    ids = torch.randint(4, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=10, eos_token_id=None)
+    model.compile_decoding()
+    assert "run_layers" in model.token_decoder.__dict__          # the compiled step is the one generate calls
+    assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), eager)
+
+
+def test_compile_flag_on_a_vanilla_model_is_one_line(tiny_dirs):
+    from click.testing import CliRunner
+    from blockformer.cli import main
+    r = CliRunner().invoke(main, ["generate", str(tiny_dirs["llama"]), "w5 w6", "--compile", "--max-new-tokens", "2"])
+    assert r.exit_code != 0 and "applies to Block Transformers" in r.output and "Traceback" not in r.output
