@@ -1,7 +1,7 @@
 """Teacher-written training text: the original model writes a corpus (articles, stories, how-tos) to distil on.
 
     blockformer synth default --out data/teacher.jsonl --tokens 65536
-    blockformer synth tests-tiny-model --out /tmp/t.jsonl --tokens 200 --batch-size 4 --max-new-tokens 16   # tiny
+    blockformer synth out/tiny-original --out /tmp/t.jsonl --tokens 200 --batch-size 4 --max-new-tokens 16  # tiny
 
 Why: distillation transfers what the teacher does on the text it is shown, and the only text bundled here is eight
 nineteenth-century books, far from what the benchmarks ask. A user often has no copy of the pretraining data
