@@ -34,7 +34,7 @@ def compile_token_steps(model):
 
 
 def eager(model):
-    model.token_decoder.__dict__.pop("run_layers", None)
+    model.compile_decoding(False)
 
 
 @click.command()

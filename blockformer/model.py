@@ -245,11 +245,14 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         self.block_decoder.release_cache()
         self.token_decoder.release_cache()
 
-    def compile_decoding(self) -> None:
+    def compile_decoding(self, enabled: bool = True) -> None:
         """Compile the token decoder's step (inductor, static shapes: its window has p + L_B - 1 slots, so a few
-        graphs). Measured 1.14x at batch 8 on a 2-core CPU after an 82 s first call (`bench/compile_decode.py`);
-        the block decoder's step stays eager, its cache grows each block."""
-        self.token_decoder.run_layers = torch.compile(self.token_decoder.run_layers, dynamic=False)
+        graphs); `enabled=False` goes back to eager. Measured 1.14x at batch 8 on a 2-core CPU after an 82 s first
+        call (`bench/compile_decode.py`); the block decoder's step stays eager, its cache grows each block."""
+        td = self.token_decoder
+        td.__dict__.pop("run_layers", None)  # the instance attribute shadows Stack.run_layers
+        if enabled:
+            td.run_layers = torch.compile(td.run_layers, dynamic=False)
 
     def prefill(self, ids, tmask) -> tuple[torch.Tensor, BlockCursor]:
         """Prompt ids (B, W) right-aligned on a block boundary (W a multiple of L_B) -> context (B, D), cursor."""

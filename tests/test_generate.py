@@ -166,6 +166,8 @@ def test_compiled_decoding_gives_the_tokens_of_eager_decoding(tiny_dirs, tmp_pat
     model.compile_decoding()
     assert "run_layers" in model.token_decoder.__dict__          # the compiled step is the one generate calls
     assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), eager)
+    model.compile_decoding(False)
+    assert "run_layers" not in model.token_decoder.__dict__
 
 
 def test_compile_flag_on_a_vanilla_model_is_one_line(tiny_dirs):

@@ -117,8 +117,7 @@ class Job:
         out = self.root / "synth" / "teacher.jsonl"
         key = digest("synth", self.source_fp, opts)
 
-        def work():
-            out.parent.mkdir(parents=True, exist_ok=True)
+        def work():  # synth makes the folder
             return {**synth(SynthConfig(self.recipe.source, out, overwrite=True, **opts)), "file": str(out)}
         return self.stage("synth", key, out, work)
 
