@@ -140,6 +140,11 @@ class BlockDecoder(Stack):
         return x[:, -1]
 
 
+    def tree(self, x, pos, mask):
+        """Blocks (B, S, D) at explicit positions (B, S) under an explicit mask (B, 1, S, S): shared-context scoring."""
+        return self.run(x if self.wpe is None else x + self.wpe(pos), pos, mask)
+
+
 @dataclass
 class BlockCursor:
     """Where the block decoder's cache stands: valid key slots (B, S), each row's next position (B, 1), next slot."""
@@ -268,6 +273,33 @@ class BlockTransformerForCausalLM(PreTrainedModel):
     def decode_block(self, ctx, n_tokens: int, pick) -> torch.Tensor:
         """The next block's first `n_tokens` tokens (B, n) from its context (B, D); `pick(logits (B, V)) -> (B,)`."""
         return self.token_decoder.decode(ctx, n_tokens, lambda h: pick(self.logits(h)))
+
+    def choices_hidden(self, ctx, cmask, conts, xmask):
+        """Scoring several continuations of one context (anchored on its last token): the context runs once.
+
+        ctx (B, Nc*L_B) left-padded so that its last token closes a block; conts (B, n, K*L_B) right-padded.
+        Returns normalised hidden states (B, n, K*L_B, D): [b, j, t] predicts token t of continuation j. The block
+        decoder reads [context blocks, each continuation's first K-1 blocks] once, under a tree mask (a
+        continuation's block sees the context and its own earlier blocks): a plain forward's attention exactly."""
+        L, (B, n, Tx), Nc = self.config.block_length, conts.shape, ctx.shape[1] // self.config.block_length
+        K = Tx // L
+        xb, xbm = conts.unflatten(2, (K, L)), xmask.unflatten(2, (K, L))              # (B, n, K, L_B)
+        blocks = torch.cat([ctx.unflatten(1, (Nc, L)), xb[:, :, :-1].flatten(1, 2)], 1)   # (B, Nc + n(K-1), L_B)
+        bmask = torch.cat([cmask.unflatten(1, (Nc, L)), xbm[:, :, :-1].flatten(1, 2)], 1)
+        grp = torch.cat([torch.full((Nc,), -1), torch.arange(n).repeat_interleave(K - 1)]).to(ctx.device)
+        idx = torch.cat([torch.arange(Nc), torch.arange(K - 1).repeat(n)]).to(ctx.device)    # index in its group
+        valid, n_ctx = bmask.any(-1), bmask[:, :Nc].any(-1).sum(1, keepdim=True)
+        pos = torch.where(grp < 0, (valid.long().cumsum(1) - 1).clamp(min=0), n_ctx + idx)       # (B, S)
+        see = (grp[None, :] == -1) & ((grp[:, None] >= 0) | (idx[None, :] <= idx[:, None]))    # keys: context
+        see |= (grp[None, :] == grp[:, None]) & (grp[:, None] >= 0) & (idx[None, :] <= idx[:, None])
+        eye = torch.eye(len(grp), dtype=torch.bool, device=ctx.device)
+        e = self.block_decoder.tree(self.embedder(blocks, bmask), pos, ((see & valid[:, None]) | eye)[:, None])
+        last = e[:, Nc - 1, None, None].expand(B, n, 1, -1)                             # context of block 0
+        ctxs = torch.cat([last, e[:, Nc:].unflatten(1, (n, K - 1))], 2)                 # (B, n, K, D)
+        sel = xbm[..., 0]                                 # (B, n, K): blocks that hold scored tokens, no padding
+        td, h = self.token_decoder, ctxs.new_zeros(B, n, K, L, ctxs.shape[-1])
+        h[sel] = td.norm(td(ctxs[sel][None], xb[..., :-1][sel][None], xbm[..., :-1][sel][None])[0])
+        return h.flatten(2, 3)                                                        # (B, n, K*L_B, D)
 
     def get_input_embeddings(self):
         return self.token_decoder.embed

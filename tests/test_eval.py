@@ -68,6 +68,31 @@ def test_block_loglikelihood_is_the_token_by_token_sum(block_dir):
         assert math.isclose(ll, want, rel_tol=1e-5, abs_tol=1e-5)
 
 
+def choice_items(rng, n_items=9):
+    """Items whose choices share a context: contexts of 9-40 tokens, 2 or 4 choices of 1-9 tokens."""
+    words = lambda k: " ".join(f"w{rng.randrange(4, 90)}" for _ in range(k))  # noqa: E731
+    return [[(ctx, " " + words(rng.randint(1, 9))) for _ in range(n)]
+            for ctx, n in ((words(rng.randint(9, 40)), rng.choice([2, 2, 4])) for _ in range(n_items))]
+
+
+@pytest.mark.parametrize("kind", ["block", "vanilla"])
+def test_shared_context_scores_equal_the_plain_path(kind, block_dir, tiny_dirs, monkeypatch):
+    """Choices of one item run their context once (block models too), and score what one forward per choice does."""
+    model = load_block(block_dir) if kind == "block" else load_original(tiny_dirs["llama"])
+    items = choice_items(random.Random(3))
+    scorer = Scorer(model, tiny_tokenizer(), batch_tokens=400)
+    calls = []
+    shared = scorer._score_shared
+    monkeypatch.setattr(scorer, "_score_shared", lambda its: calls.append(len(its)) or shared(its))
+    got = scorer.loglikelihood_choices(items)
+    assert sum(calls) >= len(items) - 2 and max(calls) > 1  # the shared path ran, batched
+    want = Scorer(model, tiny_tokenizer(), batch_tokens=96).loglikelihood([p for it in items for p in it])
+    flat = [r for item in got for r in item]
+    torch.testing.assert_close(torch.tensor([r[0] for r in flat]), torch.tensor([r[0] for r in want]),
+                               rtol=1e-5, atol=1e-4)
+    assert [r[1] for r in flat] == [r[1] for r in want]
+
+
 @torch.no_grad()
 def test_first_anchor_scores_the_papers_alignment(block_dir, tiny_dirs):
     """--anchor first: the first token closes block 0 (the model's default alignment in one full forward)."""

@@ -92,9 +92,21 @@ class Scorer:
         # padded cost of the cached path vs the plain one; the cached path pays when the context dominates
         shared_cost = len(e[0][0]) + len(e) * max(len(x) for _, x in e)
         plain_cost = sum(len(c) + len(x) for c, x in e)
+        if self.block:  # the context's blocks run once (the paper's --anchor first splits them: plain path)
+            return self.anchor == "context" and len(e) > 1 and same_ctx and fits and self._block_cheaper(e)
         cheaper = shared_cost < 0.8 * plain_cost
-        # block models always take the plain path: it is exact for either anchor (the cached path has no blocks)
-        return not self.block and self.model.config.model_type in FAMILIES and same_ctx and fits and cheaper
+        return self.model.config.model_type in FAMILIES and same_ctx and fits and cheaper
+
+    def _block_cheaper(self, e) -> bool:
+        """Layer-positions of the shared path vs the plain one: the context's blocks once instead of once per choice
+        (the token decoder's work is the same on both paths); the margin pays for padding and the tree mask."""
+        c = self.model.config
+        L, w, nb, nt = c.block_length, c.prefix_length + c.block_length - 1, c.num_block_layers, c.num_token_layers
+        blocks = lambda t: -(-t // L)  # noqa: E731
+        Nc, K = blocks(len(e[0][0])), max(blocks(len(x)) for _, x in e)
+        shared = nb * (Nc + len(e) * (K - 1)) + sum(nt * blocks(len(x)) * w for _, x in e)
+        plain = sum(nb * (Nc + blocks(len(x))) + nt * blocks(len(x)) * w for _, x in e)
+        return shared < 0.8 * plain
 
     def _shared_batches(self, order, enc):
         batch, tc, tx = [], 0, 0
@@ -110,6 +122,27 @@ class Scorer:
             yield batch
 
     def _score_shared(self, items):
+        return self._score_shared_block(items) if self.block else self._score_shared_cached(items)
+
+    def _score_shared_block(self, items):
+        """Contexts left-padded to whole blocks (B, Nc*L_B), their last token closing one; choices right-padded to
+        whole blocks (B, n, K*L_B); the model runs the context's blocks once (`choices_hidden`)."""
+        L, n, pad = self.model.config.block_length, len(items[0]), self.prefix_token_id
+        Tc = -(-max(len(it[0][0]) for it in items) // L) * L
+        Tx = -(-max(len(x) for it in items for _, x in it) // L) * L
+        ids, cmask = torch.full((len(items), Tc), pad), torch.zeros(len(items), Tc, dtype=torch.bool)
+        xids, xmask = torch.full((len(items), n, Tx), pad), torch.zeros(len(items), n, Tx, dtype=torch.bool)
+        for b, it in enumerate(items):
+            c = it[0][0]
+            ids[b, Tc - len(c):], cmask[b, Tc - len(c):] = torch.tensor(c), True
+            for j, (_, x) in enumerate(it):
+                xids[b, j, : len(x)], xmask[b, j, : len(x)] = torch.tensor(x), True
+        dev = self.device
+        h = self.model.choices_hidden(ids.to(dev), cmask.to(dev), xids.to(dev), xmask.to(dev)).flatten(0, 1)
+        scores = self._gather_scores(h, [(len(x), x) for it in items for _, x in it])
+        return [scores[b * n:(b + 1) * n] for b in range(len(items))]
+
+    def _score_shared_cached(self, items):
         """Contexts left-padded once (B, Tc); their cache repeated per choice; choices right-padded (B*n, Tx)."""
         n, dev = len(items[0]), self.device
         ctxs = [it[0][0] for it in items]
