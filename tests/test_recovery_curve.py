@@ -89,3 +89,19 @@ def test_points_of_several_methods_at_one_budget_stay_apart(tmp_path):
                                         "kept": {"mean": 0.2, "mean_stderr": 0.05}} for m in ("books", "teacher")}}
     curve.plot(points, tmp_path / "c.png")   # one line per method; equal budgets must not be compared as dicts
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_conditioned_inputs_probe_fits_and_reduces_to_the_init(tiny_dirs, tmp_path):
+    """bench/conditioned_inputs.py: an infinite ridge leaves the contextual init's NLL; a weak one changes it."""
+    spec = importlib.util.spec_from_file_location("conditioned_inputs", ROOT / "bench" / "conditioned_inputs.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n".join(" ".join(f"w{(i * 7 + j * j) % 90 + 4}" for j in range(12)) for i in range(300)))
+    res = CliRunner().invoke(probe.main, ["--source", str(tiny_dirs["llama"]), "--tokens", "256", "--rows", "64",
+                                          "--calib-tokens", "1024", "--calib-data", str(notes), "--lambdas", "1e12,1e-3",
+                                          "--json-out", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "c.json").read_text())
+    assert r["conditioned"]["1e+12"] == pytest.approx(r["contextual"], abs=1e-3)
+    assert r["conditioned"]["0.001"] != pytest.approx(r["contextual"], abs=1e-3)
