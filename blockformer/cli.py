@@ -269,7 +269,8 @@ def parse_duration(text: str | None) -> float | None:
 
 @main.command()
 @click.argument("model")
-@click.option("--data", required=True, help="Text/jsonl/parquet file, a folder of them, or a Hugging Face dataset.")
+@click.option("--data", required=True, multiple=True, help="Text/jsonl/parquet file, a folder of them, or a Hugging "
+              "Face dataset; repeat it to pool several sources (e.g. teacher-written text and your own).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (checkpoints, metrics, model).")
 @click.option("--teacher", default=None, help="Original model to distil from (folder, hub id, .gguf, 'default').")
 @click.option("--kd-weight", default=0.5, show_default=True, help="With --teacher: loss = (1-w) CE + w KD.")
@@ -303,6 +304,7 @@ def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, tex
             save_every, keep_last, seed, resume, overwrite):
     """Uptrain MODEL (a converted folder) on --data, with cross-entropy or distillation from --teacher."""
     from .uptrain import UptrainConfig, uptrain as run
+    data = data[0] if len(data) == 1 else data  # one source stays a plain name in uptrain_config.json
     cfg = UptrainConfig(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len,
                         batch_size, grad_accum, lr, warmup_steps=warmup_steps, max_steps=max_steps,
                         max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,

@@ -206,6 +206,17 @@ def test_synth_stage_feeds_uptraining_and_is_reused(tiny_dirs, data_dir, tmp_pat
     assert any("[synth] up to date" in line for line in logs) and any("[uptrain] up to date" in line for line in logs)
 
 
+def test_synth_pooled_with_another_source(tiny_dirs, data_dir, tmp_path):
+    """uptrain.data as a list: the synth stage runs because the list names it, and both sources are trained on."""
+    synth = {"tokens": 20, "batch_size": 2, "max_new_tokens": 5}
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dirs["llama"], data_dir, synth=synth,
+                         uptrain__data=["synth", "corpus"], uptrain__val_fraction=0.2,
+                         eval={"enabled": False}, bench={"enabled": False})
+    results = run(RunConfig(str(recipe)), log=lambda *_: None)
+    assert list(results["uptrain"]["data"]) == [str(tmp_path / "run" / "synth" / "teacher.jsonl"), str(data_dir / "corpus")]
+    assert "`teacher.jsonl` + `corpus`" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_synth_runs_only_when_uptraining_reads_it(finished):
     root, results, _, _ = finished          # its recipe trains on the bundled corpus
     assert results["synth"] is None and not (root / "synth").exists()

@@ -169,6 +169,21 @@ def test_bad_input(block, tmp_path, setup, args, msg):
     assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output, r.output
 
 
+def test_several_data_sources_are_pooled(block, corpus, tmp_path):
+    """--data twice: the documents of both are packed together (the summary counts them); a bad entry is one line."""
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w{i + 2} " * 20}) + "\n" for i in range(4, 40)))
+    n_corpus, n_extra = len(read_documents(str(corpus))), len(read_documents(str(extra)))
+    r = CliRunner().invoke(main, ["uptrain", str(block), "--data", str(corpus), "--data", str(extra),
+                                  "--out", str(tmp_path / "o"), "--seq-len", "32", "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["documents"] == n_corpus + n_extra
+    assert json.loads((tmp_path / "o" / "uptrain_config.json").read_text())["data"] == [str(corpus), str(extra)]
+    assert f"`{corpus}` + `{extra}`" in (tmp_path / "o" / "model" / "README.md").read_text()
+    with pytest.raises(BlockformerError, match="must name a file"):
+        UptrainConfig(str(block), (str(corpus), ""), tmp_path / "p", max_steps=1).check()
+
+
 def test_teacher_with_another_tokenizer_is_refused(block, corpus, tiny_dirs, tmp_path):
     other = save_with_other_tokenizer(tiny_dirs["llama"], tmp_path / "teacher")
     with pytest.raises(BlockformerError, match="different tokenizer"):

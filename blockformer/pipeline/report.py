@@ -13,6 +13,7 @@ from pathlib import Path
 from ..convert.card import summary_lines
 from ..eval.report import PCT, fmt, metric_names
 from ..io import atomic_write_text
+from ..uptrain.config import data_specs
 
 ROLES = ("original", "converted", "uptrained")
 
@@ -86,7 +87,8 @@ def uptraining(u: dict, figs: Path) -> list[tuple]:
     val = [h for h in hist if "val_ppl" in h]
     obj = f"distillation from `{u['teacher']}`" if u.get("teacher") else "cross-entropy"
     tok_s = u["tokens"] / u["seconds"] if u.get("seconds") else 0
-    text = (f"{u['steps']} steps, {u['tokens']:,} tokens of `{Path(u['data']).name}` with {obj} in "
+    names = " + ".join(f"`{Path(d).name}`" for d in data_specs(u["data"]))
+    text = (f"{u['steps']} steps, {u['tokens']:,} tokens of {names} with {obj} in "
             f"{u['seconds']:.0f} s ({tok_s:.0f} tokens/s).")
     if val:
         text += f" Validation perplexity {val[0]['val_ppl']:.1f} (step {val[0]['step']}) -> {val[-1]['val_ppl']:.1f}."

@@ -26,6 +26,7 @@ from ..errors import BlockformerError
 from ..eval.harness import resolve_device
 from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_name
+from ..uptrain.config import data_specs
 from .recipe import SYNTH_DATA, Recipe, load_recipe
 
 STAGES = ("convert", "synth", "uptrain", "eval", "bench", "report")
@@ -88,7 +89,7 @@ class Job:
     def all(self) -> dict:
         conv = self.convert()
         train = self.recipe.enabled("uptrain")
-        syn = self.synth() if train and self.recipe.uptrain["data"] == SYNTH_DATA else None
+        syn = self.synth() if train and SYNTH_DATA in data_specs(self.recipe.uptrain["data"]) else None
         up = self.uptrain(conv, syn) if train else None
         models = {"original": (self.recipe.source, self.source_fp), "converted": (conv["dir"], conv["key"])}
         if up:
@@ -125,11 +126,13 @@ class Job:
         from ..uptrain import UptrainConfig, uptrain
         from ..uptrain.train import latest_checkpoint
         opts = self.recipe.options("uptrain")
-        opts["data"] = syn["file"] if opts["data"] == SYNTH_DATA else self.data_path(opts["data"])
+        data = [syn["file"] if d == SYNTH_DATA else self.data_path(d) for d in data_specs(opts["data"])]
+        opts["data"] = data[0] if len(data) == 1 else tuple(data)
         opts["teacher"] = self.recipe.source if opts["teacher"] == "source" else opts["teacher"]
         opts["freeze"] = tuple(opts["freeze"])
         out = self.root / "uptrained"
-        key = digest("uptrain", conv["key"], opts, fingerprint(opts["data"]), fingerprint(opts["teacher"]))
+        data_fp = fingerprint(data[0]) if len(data) == 1 else [fingerprint(d) for d in data]
+        key = digest("uptrain", conv["key"], opts, data_fp, fingerprint(opts["teacher"]))
         pending = self.root / "stages" / "uptrain.pending"
 
         def work():

@@ -16,7 +16,7 @@ SYNTH_KINDS = ("article", "story", "howto")  # kinds of teacher-written text (sy
 @dataclass
 class UptrainConfig:
     model: str
-    data: str
+    data: str | tuple[str, ...]     # one source, or several whose documents are pooled (data_specs)
     out: Path
     teacher: str | None = None
     kd_weight: float = 0.5          # with a teacher: loss = (1 - w) CE + w KD
@@ -66,9 +66,18 @@ class UptrainConfig:
             raise BlockformerError(f"precision (--precision) must be one of {', '.join(PRECISIONS)} "
                                    f"(got {self.precision!r})")
         check_freeze(self.freeze)
+        data_specs(self.data)
         if self.align_weight and not self.teacher:
             raise BlockformerError("align_weight (--align-weight) needs a teacher (--teacher): it aligns the block "
                                    "decoder with the teacher's hidden states")
+
+
+def data_specs(data) -> list[str]:
+    """The training sources: `data` as one name or a list of them (their documents are pooled, then packed)."""
+    specs = [data] if isinstance(data, str) else list(data) if isinstance(data, (list, tuple)) else None
+    if not specs or not all(isinstance(s, str) and s.strip() for s in specs):
+        raise BlockformerError(f"data (--data) must name a file, folder or dataset, or a list of them (got {data!r})")
+    return specs
 
 
 def step_budget(max_steps: int | None, max_tokens: int | None, tokens_per_step: int) -> int | None:

@@ -29,7 +29,7 @@ from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_flags
 from ..model import output_head
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import UptrainConfig, step_budget
+from .config import UptrainConfig, data_specs, step_budget
 from .data import pack, read_documents
 from .losses import LayerTap, alignment_loss, teacher_align_layer, token_loss
 
@@ -77,7 +77,7 @@ def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
     cfg.seq_len = validate(cfg, model.config.block_length)
     teacher = load_teacher(cfg, tok) if cfg.teacher else None
     tap = LayerTap(teacher, teacher_align_layer(model.config, teacher)) if cfg.align_weight else None
-    docs = read_documents(cfg.data, cfg.text_field, cfg.split, cfg.max_docs)
+    docs = [d for spec in data_specs(cfg.data) for d in read_documents(spec, cfg.text_field, cfg.split, cfg.max_docs)]
     data = pack(docs, tok, cfg.seq_len, model.config.block_length, cfg.val_fraction, cfg.seed)
     model = prepare_trainable(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -354,7 +354,8 @@ def write_final(cfg, acc, model, tok, data, state, folder: RunFolder) -> None:
     with atomic_folder(folder.path / "model", overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "README.md").write_text(f"# Uptrained Block Transformer\n\nFrom `{cfg.model}` on `{cfg.data}`: "
+        (tmp / "README.md").write_text(f"# Uptrained Block Transformer\n\nFrom `{cfg.model}` on "
+                                       f"{' + '.join(f'`{d}`' for d in data_specs(cfg.data))}: "
                                        f"{state['step']} steps, {state['tokens']:,} tokens, teacher "
                                        f"`{cfg.teacher}`, {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full'}"
                                        f" fine-tuning. See `uptrain_config.json` and `metrics.jsonl` beside it.\n")
