@@ -286,12 +286,9 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         xb, xbm = conts.unflatten(2, (K, L)), xmask.unflatten(2, (K, L))              # (B, n, K, L_B)
         blocks = torch.cat([ctx.unflatten(1, (Nc, L)), xb[:, :, :-1].flatten(1, 2)], 1)   # (B, Nc + n(K-1), L_B)
         bmask = torch.cat([cmask.unflatten(1, (Nc, L)), xbm[:, :, :-1].flatten(1, 2)], 1)
-        grp = torch.cat([torch.full((Nc,), -1), torch.arange(n).repeat_interleave(K - 1)]).to(ctx.device)
-        idx = torch.cat([torch.arange(Nc), torch.arange(K - 1).repeat(n)]).to(ctx.device)    # index in its group
+        grp, idx, see = choice_tree(Nc, n, K, ctx.device)
         valid, n_ctx = bmask.any(-1), bmask[:, :Nc].any(-1).sum(1, keepdim=True)
         pos = torch.where(grp < 0, (valid.long().cumsum(1) - 1).clamp(min=0), n_ctx + idx)       # (B, S)
-        see = (grp[None, :] == -1) & ((grp[:, None] >= 0) | (idx[None, :] <= idx[:, None]))    # keys: context
-        see |= (grp[None, :] == grp[:, None]) & (grp[:, None] >= 0) & (idx[None, :] <= idx[:, None])
         eye = torch.eye(len(grp), dtype=torch.bool, device=ctx.device)
         e = self.block_decoder.tree(self.embedder(blocks, bmask), pos, ((see & valid[:, None]) | eye)[:, None])
         last = e[:, Nc - 1, None, None].expand(B, n, 1, -1)                             # context of block 0
@@ -380,6 +377,18 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         h = h.flatten(1, 2)                                                           # (B, N*L_B, D)
         h = self.token_decoder.norm(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))  # (B, T, D)
         return (h, ctx, shift) if with_context else h
+
+
+def choice_tree(Nc: int, n: int, K: int, device):
+    """Layout of [Nc context blocks, then K-1 blocks of each of n continuations]: each slot's group (-1: context),
+    its index in the group, and which keys each query sees (S, S): the context causally; a continuation's block the
+    whole context and its own earlier blocks, never another continuation's."""
+    grp = torch.cat([torch.full((Nc,), -1), torch.arange(n).repeat_interleave(K - 1)]).to(device)
+    idx = torch.cat([torch.arange(Nc), torch.arange(K - 1).repeat(n)]).to(device)
+    earlier = idx[None, :] <= idx[:, None]
+    context_key = (grp[None, :] == -1) & ((grp[:, None] >= 0) | earlier)
+    own_block = (grp[None, :] == grp[:, None]) & (grp[:, None] >= 0) & earlier
+    return grp, idx, context_key | own_block
 
 
 def scaled_lookup(embed: nn.Embedding, ids, scale):
