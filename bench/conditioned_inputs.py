@@ -21,11 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from init_probe import converted  # noqa: E402
-from blockformer import datafiles, sources  # noqa: E402
-from blockformer.convert import ConvertConfig  # noqa: E402
-from blockformer.convert.contextual import apply_contextual, calibration_rows, read_calibration, split_stats  # noqa: E402
-from blockformer.io import read_text  # noqa: E402
+from window_oracle import contextual_setup  # noqa: E402
 from blockformer.layers import causal_mask  # noqa: E402
 from blockformer.machine import cpu_name  # noqa: E402
 
@@ -82,17 +78,8 @@ def nll(model, original, split: int, rows, W=None) -> float:
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/conditioned_inputs.json"), help="JSON.")
 @torch.inference_mode()
 def main(source, tokens, rows, calib_tokens, calib_data, lambdas, json_out):
-    torch.manual_seed(0)
-    src = sources.resolve(source)
-    original, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
-    model, fam = converted(src, original, ConvertConfig(source, Path("unused")))
-    split = model.config.provenance["token_layers_from"][0]
-    calib = calibration_rows(tok, read_calibration(calib_data), calib_tokens, rows)
-    apply_contextual(model, split_stats(original, fam, split, calib))
+    original, model, split, calib, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data)
     xtx, xty = fit(model, original, split, calib)
-    path, _ = datafiles.find_data("wikitext2/wiki.test.raw")
-    ids = tok(read_text(path)[: 12 * tokens])["input_ids"][:tokens]
-    test = torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
     res = {"cpu": cpu_name(), "source": source, "tokens": int(test.numel()), "calib_tokens": calib_tokens,
            "contextual": round(nll(model, original, split, test), 4), "conditioned": {}}
     print(f"contextual init            {res['contextual']:.3f} nats/token", flush=True)

@@ -72,15 +72,8 @@ def block_nll(model, original, split: int, rows: torch.Tensor, variant: str) -> 
     return tot, n
 
 
-@click.command()
-@click.option("--source", default="default", help="Original model (folder, hub id, .gguf, default).")
-@click.option("--tokens", default=2048, help="WikiText-2 test tokens scored.")
-@click.option("--rows", default=512, help="Tokens per scored row.")
-@click.option("--calib-tokens", default=65536, help="Calibration tokens of the contextual init.")
-@click.option("--calib-data", default="corpus/gutenberg", help="Calibration text.")
-@click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/window_oracle.json"), help="JSON file.")
-def main(source, tokens, rows, calib_tokens, calib_data, json_out):
-    t0 = time.perf_counter()
+def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, calib_data: str):
+    """(original, fresh `--init contextual` conversion, split layer, calibration rows, WikiText-2 test rows)."""
     torch.manual_seed(0)
     src = sources.resolve(source)
     original, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
@@ -90,7 +83,19 @@ def main(source, tokens, rows, calib_tokens, calib_data, json_out):
     apply_contextual(model, split_stats(original, fam, split, calib))
     path, _ = datafiles.find_data("wikitext2/wiki.test.raw")
     ids = tok(read_text(path)[: 12 * tokens])["input_ids"][:tokens]
-    test = torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
+    return original, model, split, calib, torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
+
+
+@click.command()
+@click.option("--source", default="default", help="Original model (folder, hub id, .gguf, default).")
+@click.option("--tokens", default=2048, help="WikiText-2 test tokens scored.")
+@click.option("--rows", default=512, help="Tokens per scored row.")
+@click.option("--calib-tokens", default=65536, help="Calibration tokens of the contextual init.")
+@click.option("--calib-data", default="corpus/gutenberg", help="Calibration text.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/window_oracle.json"), help="JSON file.")
+def main(source, tokens, rows, calib_tokens, calib_data, json_out):
+    t0 = time.perf_counter()
+    original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data)
     out = {}
     print(f"{'variant':<12} {'mean NLL':>9}   per position in the block")
     for v in VARIANTS:

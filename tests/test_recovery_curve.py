@@ -62,14 +62,24 @@ def test_curve_writes_table_json_plot_and_resumes_without_rescoring(run, tiny_di
     assert CliRunner().invoke(curve.main, args).exit_code == 0 and calls == []
 
 
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def notes_file(tmp_path):
+    """Calibration text for tiny models: 300 lines of 12 tiny-vocabulary words."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90 + 4}" for j in range(12)) for i in range(300)))
+    return notes
+
+
 def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path):
     """bench/window_oracle.py on a tiny model: the first position of a block sees only the prefix, so the variants
     that share a prefix agree there, and the ones whose token inputs differ do not agree after it."""
-    spec = importlib.util.spec_from_file_location("window_oracle", ROOT / "bench" / "window_oracle.py")
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90 + 4}" for j in range(12)) for i in range(300)))
+    oracle, notes = bench_module("window_oracle"), notes_file(tmp_path)
     res = CliRunner().invoke(oracle.main, ["--source", str(tiny_dirs["llama"]), "--tokens", "256", "--rows", "64",
                                            "--calib-tokens", "1024", "--calib-data", str(notes),
                                            "--json-out", str(tmp_path / "o.json")])
@@ -93,11 +103,7 @@ def test_points_of_several_methods_at_one_budget_stay_apart(tmp_path):
 
 def test_conditioned_inputs_probe_fits_and_reduces_to_the_init(tiny_dirs, tmp_path):
     """bench/conditioned_inputs.py: an infinite ridge leaves the contextual init's NLL; a weak one changes it."""
-    spec = importlib.util.spec_from_file_location("conditioned_inputs", ROOT / "bench" / "conditioned_inputs.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("\n".join(" ".join(f"w{(i * 7 + j * j) % 90 + 4}" for j in range(12)) for i in range(300)))
+    probe, notes = bench_module("conditioned_inputs"), notes_file(tmp_path)
     res = CliRunner().invoke(probe.main, ["--source", str(tiny_dirs["llama"]), "--tokens", "256", "--rows", "64",
                                           "--calib-tokens", "1024", "--calib-data", str(notes), "--lambdas", "1e12,1e-3",
                                           "--json-out", str(tmp_path / "c.json")])
