@@ -121,12 +121,13 @@ def main(model, tasks, limit, data_dir, batch_size, max_length, repeats, json_ou
     export(names, data_dir or default_data_dir(), include, limit)
     requests = lm_eval_requests(names, include)
     scorer = Scorer(m, tok, max_length=max_length)
-    if m.config.model_type == "block_transformer":  # lm-eval through our registered model: flat requests
+    block = m.config.model_type == "block_transformer"
+    if block:  # lm-eval through our registered model: flat requests
         from blockformer.eval.lm_eval_plugin import BlockformerLM
         lms = {"lm-eval (blockformer model)": BlockformerLM(pretrained=model, max_length=max_length)}
     else:
         lms = {"lm-eval (batch 1)": HFLM(pretrained=m, tokenizer=tok, max_length=max_length)}
-    if batch_size > 1 and m.config.model_type != "block_transformer":
+    if batch_size > 1 and not block:
         lms[f"lm-eval (batch {batch_size})"] = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size,
                                                     max_length=max_length)
     sides = {k: (lambda kind, reqs, lm=lm: score_lm_eval(lm, kind, reqs)) for k, lm in lms.items()}

@@ -139,7 +139,6 @@ class BlockDecoder(Stack):
         cur.slot, cur.next_pos = S, cur.next_pos + 1
         return x[:, -1]
 
-
     def tree(self, x, pos, mask):
         """Blocks (B, S, D) at explicit positions (B, S) under an explicit mask (B, 1, S, S): shared-context scoring."""
         return self.run(x if self.wpe is None else x + self.wpe(pos), pos, mask)

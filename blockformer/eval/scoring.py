@@ -89,11 +89,11 @@ class Scorer:
     def _shareable(self, e) -> bool:
         same_ctx = all(c == e[0][0] for c, _ in e)
         fits = all(len(c) + len(x) - 1 <= self.max_length for c, x in e)
+        if self.block:  # the context's blocks run once (the paper's --anchor first splits them: plain path)
+            return self.anchor == "context" and len(e) > 1 and same_ctx and fits and self._block_cheaper(e)
         # padded cost of the cached path vs the plain one; the cached path pays when the context dominates
         shared_cost = len(e[0][0]) + len(e) * max(len(x) for _, x in e)
         plain_cost = sum(len(c) + len(x) for c, x in e)
-        if self.block:  # the context's blocks run once (the paper's --anchor first splits them: plain path)
-            return self.anchor == "context" and len(e) > 1 and same_ctx and fits and self._block_cheaper(e)
         cheaper = shared_cost < 0.8 * plain_cost
         return self.model.config.model_type in FAMILIES and same_ctx and fits and cheaper
 
