@@ -42,8 +42,9 @@ def main():
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--block-length", default=4, show_default=True, help="Tokens per block (L_B).")
-@click.option("--block-layers", type=int, default=None,
-              help="Original layers given to the block decoder [default: half; all for --layer-map duplicate].")
+@click.option("--block-layers", type=float, default=None,
+              help="Original layers given to the block decoder: a count (24) or, below 1, a share of them (0.8: 24 of "
+                   "30) [default: half; all for --layer-map duplicate].")
 @click.option("--layer-map", type=click.Choice(["partition", "skip", "duplicate"]), default="partition",
               show_default=True, help="How original layers are shared out (the paper's three initialisations).")
 @click.option("--prefix-length", default=2, show_default=True,

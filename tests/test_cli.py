@@ -53,6 +53,7 @@ def test_unsupported_family(tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--block-layers", "9"], ["--block-layers", "4 layers"]),
     (["--block-layers", "0"], ["--block-layers"]),
+    (["--block-layers", "2.5"], ["--block-layers", "share"]),
     (["--block-length", "0"], ["--block-length"]),
     (["--prefix-length", "0"], ["--prefix-length"]),
     (["--layer-map", "skip", "--block-layers", "3"], ["skip"]),

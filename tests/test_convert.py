@@ -75,13 +75,14 @@ def test_new_parts_get_the_papers_init(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("layer_map,block_layers,want", [
     ("partition", None, ([0, 1, 2], [3, 4, 5])), ("partition", 4, ([0, 1, 2, 3], [4, 5])),
+    ("partition", 0.8, ([0, 1, 2, 3, 4], [5])), ("partition", 4.0, ([0, 1, 2, 3], [4, 5])),  # a share; a count as float
     ("skip", None, ([0, 2, 4], [0, 2, 4])), ("duplicate", None, (list(range(6)), list(range(6))))])
 def test_layer_maps(layer_map, block_layers, want):
     assert plan_layers(6, layer_map, block_layers) == want
 
 
 @pytest.mark.parametrize("layer_map,block_layers", [("partition", 0), ("partition", 7), ("skip", 2),
-                                                    ("duplicate", 3)])
+                                                    ("duplicate", 3), ("partition", 2.5), ("partition", -0.5)])
 def test_layer_maps_reject_splits_that_do_not_fit(layer_map, block_layers):
     with pytest.raises(BlockformerError):
         plan_layers(6, layer_map, block_layers)

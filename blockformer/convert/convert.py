@@ -37,7 +37,7 @@ class ConvertConfig:
     source: str
     out: Path
     block_length: int = 4
-    block_layers: int | None = None  # default: half the layers (partition/skip), all of them (duplicate)
+    block_layers: float | None = None  # a count (24), or below 1 a share of the layers (0.8: 24 of 30); default: half
     layer_map: str = "partition"
     prefix_length: int = 2
     dtype: str = "auto"
@@ -48,8 +48,20 @@ class ConvertConfig:
     calib_tokens: int = 65536        # --init contextual: calibration tokens
 
 
-def plan_layers(n: int, layer_map: str, block_layers: int | None) -> tuple[list[int], list[int]]:
+def layer_count(n: int, block_layers: float | None) -> int | None:
+    """--block-layers as a count of the original's n layers: a whole number as it is, a share below 1 rounded (so one
+    recipe fits models of any depth); None stays None (the layer map's default)."""
+    if block_layers is None or (block_layers >= 1 and float(block_layers).is_integer()):
+        return None if block_layers is None else int(block_layers)
+    if not 0 < block_layers < 1:
+        raise BlockformerError(f"--block-layers must be a whole number of layers or a share between 0 and 1, "
+                               f"got {block_layers}")
+    return max(1, round(block_layers * n))
+
+
+def plan_layers(n: int, layer_map: str, block_layers: float | None) -> tuple[list[int], list[int]]:
     """Original layer indices for the block decoder and the token decoder."""
+    block_layers = layer_count(n, block_layers)
     if layer_map == "partition":
         nb = n // 2 if block_layers is None else block_layers
         if not 1 <= nb <= n:

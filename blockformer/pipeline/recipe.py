@@ -28,7 +28,8 @@ SYNTH_DATA = "synth"  # uptrain.data naming the synth stage's teacher-written co
 # Where a recipe's defaults differ from the stage's own defaults (the stage CLIs keep theirs).
 RECIPE_DEFAULTS = {
     "synth": {"tokens": 32768},
-    "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768},
+    # 24 of SmolLM2's 30 layers in the block decoder: LAMBADA above 0 and faster decoding (docs/recovery.md, "Where to split")
+    "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768, "block_layers": 0.8},
     # pure distillation on teacher-written text: lower WikiText-2 and LAMBADA perplexity at 16k and 64k tokens
     "uptrain": {"data": SYNTH_DATA, "teacher": "source", "kd_weight": 1.0, "max_tokens": 32768, "seq_len": 256,
                 "warmup_steps": 4, "eval_every": 8, "save_every": 8},
