@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from blockformer.cli import main
+from blockformer.convert import plan_layers
 from blockformer.errors import BlockformerError
 from blockformer.pipeline import RunConfig, load_recipe, run
 from blockformer.pipeline.recipe import RECIPES, build, section_defaults
@@ -221,3 +222,15 @@ def test_synth_runs_only_when_uptraining_reads_it(finished):
     root, results, _, _ = finished          # its recipe trains on the bundled corpus
     assert results["synth"] is None and not (root / "synth").exists()
     assert "enabled" not in section_defaults("synth")
+
+
+
+@pytest.mark.parametrize("convert,share,block", [({}, 0.8, 24), ({"block_layers": 12}, 12, 12),
+                                                 ({"layer_map": "skip"}, None, 15), ({"layer_map": "duplicate"}, None, 30),
+                                                 ({"block_layers": None}, None, 15)])
+def test_the_recipes_layer_share_applies_to_partitions_only(convert, share, block):
+    """The default recipe splits SmolLM2's 30 layers 24 + 6 (a share, 0.8); a recipe that picks skip or duplicate
+    gets that map's own split instead of an error, and an explicit block_layers always wins."""
+    c = build({"convert": convert}, Path("r.yaml")).convert
+    assert c["block_layers"] == share
+    assert len(plan_layers(30, c["layer_map"], c["block_layers"])[0]) == block

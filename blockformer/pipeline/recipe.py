@@ -124,6 +124,8 @@ def build(raw: dict, path: Path) -> Recipe:
         defaults = section_defaults(stage)
         unknown(path, f"{stage}.", given, set(defaults))
         merged = {**defaults, **given}
+        if stage == "convert" and merged["layer_map"] != "partition" and "block_layers" not in given:
+            merged["block_layers"] = None  # the recipe's share is a partition's; skip and duplicate fix their own
         for k, v in merged.items():
             check_type(path, f"{stage}.{k}", v, annotation(stage, k))
         setattr(r, stage, merged)
