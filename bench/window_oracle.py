@@ -12,6 +12,7 @@ token and per position in the block on WikiText-2 test text (first-token alignme
   true both         both: what the original's upper layers can do when attention stops at the window.
 
     python bench/window_oracle.py --tokens 2048                        # SmolLM2-135M, ~5 min on 2 cores
+    python bench/window_oracle.py --tokens 2048 --block-layers 24 --block-length 2     # another split and block
     python bench/window_oracle.py --source tiny/ --tokens 256 --calib-tokens 1024 --calib-data notes.txt --rows 64
 """
 from __future__ import annotations
@@ -73,12 +74,12 @@ def block_nll(model, original, split: int, rows: torch.Tensor, variant: str) -> 
 
 
 def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, calib_data: str,
-                     block_layers: int | None = None):
+                     block_layers: int | None = None, block_length: int = 4):
     """(original, fresh `--init contextual` conversion, split layer, calibration rows, WikiText-2 test rows)."""
     torch.manual_seed(0)
     src = sources.resolve(source)
     original, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
-    model, fam = converted(src, original, ConvertConfig(source, Path("unused"), block_layers=block_layers))
+    model, fam = converted(src, original, ConvertConfig(source, Path("unused"), block_length, block_layers))
     split = model.config.provenance["token_layers_from"][0]
     calib = calibration_rows(tok, read_calibration(calib_data), calib_tokens, rows)
     apply_contextual(model, split_stats(original, fam, split, calib))
@@ -94,18 +95,21 @@ def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, cal
 @click.option("--calib-tokens", default=65536, help="Calibration tokens of the contextual init.")
 @click.option("--calib-data", default="corpus/gutenberg", help="Calibration text.")
 @click.option("--block-layers", type=int, default=None, help="Original layers in the block decoder (default: half).")
+@click.option("--block-length", default=4, help="Tokens per block (L_B).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/window_oracle.json"), help="JSON file.")
-def main(source, tokens, rows, calib_tokens, calib_data, block_layers, json_out):
+def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_length, json_out):
     t0 = time.perf_counter()
-    original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data, block_layers)
+    original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data, block_layers,
+                                                       block_length)
     out = {}
     print(f"{'variant':<12} {'mean NLL':>9}   per position in the block")
     for v in VARIANTS:
         tot, n = block_nll(model, original, split, test, v)
         out[v] = {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
         print(f"{v:<12} {out[v]['nll']:>9.3f}   {out[v]['per_position']}", flush=True)
-    res = {"cpu": cpu_name(), "source": source, "split_layer": split, "tokens": int(test.numel()), "calib_tokens": calib_tokens,
-           "variants": out, "seconds": round(time.perf_counter() - t0, 1)}
+    res = {"cpu": cpu_name(), "source": source, "split_layer": split, "block_length": block_length,
+           "tokens": int(test.numel()), "calib_tokens": calib_tokens, "variants": out,
+           "seconds": round(time.perf_counter() - t0, 1)}
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res))

@@ -76,13 +76,13 @@ def notes_file(tmp_path):
     return notes
 
 
-@pytest.mark.parametrize("block_layers", [None, 3])
-def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path, block_layers):
-    """bench/window_oracle.py on a tiny model, at the default split and another (--block-layers): the first position
+@pytest.mark.parametrize("block_layers,block_length", [(None, 4), (3, 2)])
+def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path, block_layers, block_length):
+    """bench/window_oracle.py on a tiny model, at the default split and block and others: the first position
     of a block sees only the prefix, so the variants that share a prefix agree there, and the ones whose token
     inputs differ do not agree after it."""
     oracle, notes = bench_module("window_oracle"), notes_file(tmp_path)
-    split = ["--block-layers", str(block_layers)] if block_layers else []
+    split = (["--block-layers", str(block_layers)] if block_layers else []) + ["--block-length", str(block_length)]
     res = CliRunner().invoke(oracle.main, ["--source", str(tiny_dirs["llama"]), "--tokens", "256", "--rows", "64",
                                            "--calib-tokens", "1024", "--calib-data", str(notes), *split,
                                            "--json-out", str(tmp_path / "o.json")])
@@ -91,6 +91,7 @@ def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path, bloc
     layers = json.loads((tiny_dirs["llama"] / "config.json").read_text())["num_hidden_layers"]
     assert out["split_layer"] == (block_layers or layers // 2)
     v = out["variants"]
+    assert len(v["model"]["per_position"]) == block_length
     assert v["model"]["per_position"][0] == pytest.approx(v["true tokens"]["per_position"][0], abs=1e-5)
     assert v["true prefix"]["per_position"][0] == pytest.approx(v["true both"]["per_position"][0], abs=1e-5)
     assert v["model"]["per_position"][1] != pytest.approx(v["true tokens"]["per_position"][1], abs=1e-3)
