@@ -363,8 +363,7 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         ctx = self.block_decoder(self.embedder(blocks, bmask), bmask.any(-1))        # (B, N, D)
         nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
         nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
-        # the prediction *from* aligned position q sits at index q - (L_B - 1); block 0's other slots have none
-        idx = (torch.arange(input_ids.shape[1], device=ids.device) + shift[:, None] - (L - 1)).clamp(min=0)
+        idx = prediction_slots(input_ids.shape[1], shift, L)
         if need is None:
             h = self.token_decoder(ctx, nxt, nxt_mask)                                # (B, N, L_B, D)
         else:
@@ -406,6 +405,13 @@ def output_head(model):
     cap = c.final_softcap if c.model_type == "block_transformer" else getattr(c, "final_logit_softcapping", None)
     head = model.get_output_embeddings()
     return head if cap is None else (lambda h: cap * torch.tanh(head(h) / cap))
+
+
+def prediction_slots(T: int, shift, L: int):
+    """(B, T): where the token decoder's (B, N*L_B) output holds the prediction from each original position.
+
+    The prediction *from* aligned position q sits at slot q - (L_B - 1); block 0's other slots have none (slot 0)."""
+    return (torch.arange(T, device=shift.device) + shift[:, None] - (L - 1)).clamp(min=0)
 
 
 def align_to_blocks(input_ids, mask, L: int, anchor=None):

@@ -69,6 +69,106 @@ def _head_and_batch(seed=0, d=8, vocab=20):
     return head, h, labels
 
 
+# ------------------------------------------------------------------ layer-wise distillation of the token decoder
+@pytest.mark.parametrize("layer_map", ["partition", "duplicate", "skip"])
+def test_layerwise_loss_compares_each_token_decoder_layer_with_its_source_layer(tiny_dirs, tmp_path, layer_map):
+    """Block length 1, one-token rows: the block decoder is the original's first layers and the token decoder reads
+    only the prefix made of its output, so each token-decoder layer computes exactly its source layer of the
+    teacher and the layer-wise loss is 0 when (and only when) the right teacher layers are compared."""
+    from tiny import load_original
+    from blockformer.families import family_for
+    from blockformer.model import prediction_slots
+    from blockformer.uptrain.losses import MultiTap, layerwise_state_loss, teacher_token_layers
+    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=1, layer_map=layer_map)
+    teacher = load_original(tiny_dirs["llama"])
+    if layer_map == "skip":
+        with pytest.raises(BlockformerError, match="--layer-map partition"):
+            teacher_token_layers(blk.config, teacher)
+        return
+    src = teacher_token_layers(blk.config, teacher)
+    assert src == {"partition": [2, 3], "duplicate": [0, 1, 2, 3]}[layer_map]
+    layers = teacher.get_submodule(family_for("llama").layers)
+    mine, upper, wrong = (MultiTap(list(blk.token_decoder.layers)), MultiTap([layers[i] for i in src]),
+                          MultiTap([layers[3 - i] for i in range(len(src))]))
+    ids, mask = torch.randint(4, VOCAB, (3, 1)), torch.ones(3, 1, dtype=torch.bool)
+    with torch.no_grad():
+        _, _, shift = blk(ids, attention_mask=mask, return_hidden=True).hidden_states
+        teacher.model(input_ids=ids, attention_mask=mask.long())
+    idx, valid, p = prediction_slots(1, shift, 1), mask, blk.config.prefix_length
+    student = mine.take()
+    if layer_map == "partition":
+        assert layerwise_state_loss(student, upper.take(), idx, valid, p) < 1e-9
+        assert layerwise_state_loss(student, wrong.take(), idx, valid, p) > 1e-3
+
+
+def test_layerwise_states_sit_where_the_final_hidden_states_are_read(tiny_dirs, tmp_path):
+    """The last token-decoder layer's state at each position's prediction slot, normalised, is the model's final
+    hidden state there: the slot mapping the loss uses is the forward pass's own (padding and shift included)."""
+    from blockformer.model import prediction_slots
+    from blockformer.uptrain.losses import MultiTap, predicting_states
+    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4)
+    tap = MultiTap(list(blk.token_decoder.layers))
+    ids, mask = torch.randint(4, VOCAB, (2, 11)), torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :2] = False
+    with torch.no_grad():
+        h, _, shift = blk(ids, attention_mask=mask, return_hidden=True).hidden_states
+    got = blk.token_decoder.norm(predicting_states(tap.take()[-1], prediction_slots(11, shift, 4),
+                                                   blk.config.prefix_length))
+    torch.testing.assert_close(got[mask], h[mask])
+
+
+def test_layerwise_loss_matches_a_hand_computation():
+    """Relative squared error per valid position, summed, then averaged over the layers."""
+    from blockformer.uptrain.losses import layerwise_state_loss
+    p, L = 1, 2                                  # one prefix slot, blocks of 2: the window is 2 slots
+    s1 = torch.tensor([[[1., 0.], [0., 2.]], [[3., 0.], [0., 0.]]])  # (B*N = 2, p + L - 1 = 2, D = 2)
+    s2 = torch.zeros_like(s1)
+    t = torch.tensor([[[1., 1.], [0., 1.], [2., 0.], [5., 5.]]])     # (B = 1, T = 4, D = 2)
+    idx = torch.tensor([[0, 1, 2, 3]])
+    valid = torch.tensor([[True, True, True, False]])
+    # layer 1: |(1,0)-(1,1)|^2/2 = 0.5, |(0,2)-(0,1)|^2/1 = 1, |(3,0)-(2,0)|^2/4 = 0.25; layer 2: 1 + 1 + 1
+    assert layerwise_state_loss([s1, s2], [t, t], idx, valid, p).item() == pytest.approx((1.75 + 3) / 2)
+
+
+def test_layerwise_loss_needs_a_teacher_and_a_partition(tiny_dirs, corpus, tmp_path):
+    args = ["uptrain", str(tmp_path / "b"), "--data", str(corpus), "--out", str(tmp_path / "o"), "--max-steps", "1",
+            "--seq-len", "32", "--hidden-weight", "0.5"]
+    convert_tiny(tiny_dirs["llama"], tmp_path / "b", layer_map="skip")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "needs a teacher" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--teacher", str(tiny_dirs["llama"])])
+    assert r.exit_code == 1 and "--hidden-weight 0" in r.output and not (tmp_path / "o").exists(), r.output
+
+
+def test_uptraining_with_the_layerwise_loss_lowers_it_and_leaves_no_hooks(tiny_dirs, corpus, tmp_path):
+    from blockformer.uptrain import UptrainConfig, uptrain
+    convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=2)
+    cfg = dict(teacher=str(tiny_dirs["llama"]), kd_weight=1.0, seq_len=32, batch_size=2, warmup_steps=1, lr=3e-3,
+               save_every=8, eval_every=8)
+    base = uptrain(UptrainConfig(str(tmp_path / "b"), str(corpus), tmp_path / "kd", max_steps=8, **cfg))
+    hid = uptrain(UptrainConfig(str(tmp_path / "b"), str(corpus), tmp_path / "hid", max_steps=8, hidden_weight=10.0,
+                                **cfg))
+    first, last = hid["history"][0]["loss"], hid["history"][-1]["loss"]
+    assert hid["history"][0]["loss"] > base["history"][0]["loss"] + 1e-3   # the extra term is in the loss
+    assert last < first
+
+
+def test_the_guide_removes_every_hook_it_set(tiny_dirs, tmp_path):
+    """uptrain closes its Guide, so a model trained in this process (the pipeline evaluates it next) keeps no hook
+    that would hold on to its layers' outputs."""
+    from tiny import load_original
+    from blockformer.uptrain import UptrainConfig
+    from blockformer.uptrain.train import Guide
+    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=2)
+    teacher = load_original(tiny_dirs["llama"])
+    cfg = UptrainConfig("b", "d", tmp_path / "o", teacher="t", align_weight=0.1, hidden_weight=0.1, max_steps=1)
+    modules = list(blk.token_decoder.layers) + list(teacher.model.layers)
+    guide = Guide.build(cfg, blk, teacher)
+    assert sum(len(m._forward_hooks) for m in modules) == 2 + 2 + 1
+    guide.close()
+    assert sum(len(m._forward_hooks) for m in modules) == 0
+
+
 def test_distillation_is_zero_for_a_teacher_identical_to_the_student():
     from blockformer.uptrain.losses import token_loss
     head, h, labels = _head_and_batch()

@@ -48,6 +48,7 @@ class UptrainConfig:
     resume: bool = False
     overwrite: bool = False
     max_docs: int | None = None     # documents read at most (streamed datasets stop there)
+    hidden_weight: float = 0.0      # layer-wise distillation of the token decoder's states (per predicted token)
 
     def check(self) -> None:
         """Raise BlockformerError naming the first bad option as `field (--flag)`; no I/O, so recipes can call it."""
@@ -59,7 +60,7 @@ class UptrainConfig:
             raise BlockformerError("set a budget: --max-steps, --max-tokens or --max-time")
         between(self, "kd_weight", 0, 1)
         between(self, "min_lr_ratio", 0, 1)
-        non_negative(self, "align_weight", "weight_decay", "grad_clip")
+        non_negative(self, "align_weight", "hidden_weight", "weight_decay", "grad_clip")
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise BlockformerError(f"val_fraction must be between 0 and 1, exclusive (got {self.val_fraction!r})")
         if self.precision not in PRECISIONS:
@@ -70,6 +71,9 @@ class UptrainConfig:
         if self.align_weight and not self.teacher:
             raise BlockformerError("align_weight (--align-weight) needs a teacher (--teacher): it aligns the block "
                                    "decoder with the teacher's hidden states")
+        if self.hidden_weight and not self.teacher:
+            raise BlockformerError("hidden_weight (--hidden-weight) needs a teacher (--teacher): it matches the token "
+                                   "decoder's layers to the teacher's")
 
 
 def data_specs(data) -> list[str]:

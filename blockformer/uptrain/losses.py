@@ -1,4 +1,5 @@
-"""Uptraining objectives: cross-entropy, distillation from the original, block-decoder alignment.
+"""Uptraining objectives: cross-entropy, distillation from the original, block-decoder alignment, and layer-wise
+distillation of the token decoder's states.
 
 The vocabulary projection is applied in chunks of positions under activation checkpointing, so neither the
 student's nor the teacher's (positions x vocabulary) logits are ever held whole: the teacher's logits of a chunk are
@@ -71,16 +72,66 @@ class LayerTap:
     any final norm (Hugging Face's last `hidden_states` entry is already normalised, so it cannot serve k = all)."""
 
     def __init__(self, teacher, k: int):
-        layers = teacher.get_submodule(family_for(teacher.config.model_type).layers)
-        self.out = None
-        self.handle = layers[k - 1].register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output):
-        self.out = output[0] if isinstance(output, tuple) else output
+        self.taps = MultiTap(teacher.get_submodule(family_for(teacher.config.model_type).layers)[k - 1:k])
 
     def take(self):
-        out, self.out = self.out, None
+        return self.taps.take()[0]
+
+
+class MultiTap:
+    """Keeps the outputs of several layers (any modules) during one forward pass, in the order given."""
+
+    def __init__(self, modules):
+        self.out = [None] * len(modules)
+        self.handles = [m.register_forward_hook(self._keeper(i)) for i, m in enumerate(modules)]
+
+    def _keeper(self, i: int):
+        def keep(module, args, output):
+            self.out[i] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    def take(self) -> list:
+        out, self.out = self.out, [None] * len(self.out)
         return out
+
+
+# ------------------------------------------------------------------------------------------ layer-wise states
+def teacher_token_layers(config, teacher) -> list[int]:
+    """The teacher layers whose outputs the token decoder's layers reproduce: the layers it was copied from.
+
+    Defined only when they are the original's last layers in order (--layer-map partition): each token-decoder
+    layer then sits where its source layer sat, reading (ideally) the same residual stream."""
+    src = list(config.provenance.get("token_layers_from") or [])
+    n = teacher.config.num_hidden_layers
+    if not src or src != list(range(n - len(src), n)) or teacher.config.hidden_size != config.hidden_size:
+        raise BlockformerError(f"hidden_weight (--hidden-weight): this model's token decoder holds original layers "
+                               f"{', '.join(map(str, src)) or '(unknown)'}, not the teacher's last layers in order; "
+                               f"use --hidden-weight 0 or a model converted from this teacher with --layer-map partition")
+    return src
+
+
+def predicting_states(states, idx, prefix_length: int):
+    """A token-decoder layer's output (B*N, p + L_B - 1, D) -> (B, T, D): the state at each original position's
+    prediction slot (the layout `final_hidden` reads; `idx` from `prediction_slots`)."""
+    s = states[:, prefix_length - 1:].unflatten(0, (idx.shape[0], -1)).flatten(1, 2)   # (B, N*L_B, D)
+    return s.gather(1, idx[..., None].expand(-1, -1, s.shape[-1]))
+
+
+def layerwise_state_loss(student_states, teacher_states, idx, valid, prefix_length: int):
+    """Summed relative squared error, mean over layers, between each token-decoder layer's output and the teacher
+    layer it came from, at every predicted position.
+
+    student_states: per layer (B*N, p + L_B - 1, D); slot p - 1 onward predict the block's tokens, as in
+    `final_hidden`, and `idx` (B, T) maps original position t to its slot in the flattened (B, N*L_B) layout.
+    teacher_states: per layer (B, T, D). valid (B, T) bool: positions that predict a label. The error is relative
+    (|s - t|^2 / |t|^2) because residual norms differ by orders of magnitude between positions (attention sinks).
+    """
+    total = None
+    for s, t in zip(student_states, teacher_states):
+        s, t = predicting_states(s, idx, prefix_length)[valid].float(), t[valid].float()  # (n, D) each
+        err = ((s - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp(min=1e-6)
+        total = err.sum() if total is None else total + err.sum()
+    return total / len(student_states)
 
 
 def alignment_positions(shift, n_blocks: int, block_length: int, mask):

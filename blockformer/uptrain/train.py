@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,11 +27,13 @@ from .. import sources
 from ..errors import BlockformerError
 from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_flags
-from ..model import output_head
+from ..families import family_for
+from ..model import output_head, prediction_slots
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UptrainConfig, data_specs, step_budget
 from .data import pack, read_documents
-from .losses import LayerTap, alignment_loss, teacher_align_layer, token_loss
+from .losses import (LayerTap, MultiTap, alignment_loss, layerwise_state_loss, teacher_align_layer,
+                     teacher_token_layers, token_loss)
 
 __all__ = ["UptrainConfig", "uptrain", "latest_checkpoint"]
 
@@ -75,8 +77,7 @@ def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
     if model.config.model_type != "block_transformer":
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder; convert it first")
     cfg.seq_len = validate(cfg, model.config.block_length)
-    teacher = load_teacher(cfg, tok) if cfg.teacher else None
-    tap = LayerTap(teacher, teacher_align_layer(model.config, teacher)) if cfg.align_weight else None
+    teacher = Guide.build(cfg, model, load_teacher(cfg, tok) if cfg.teacher else None)
     docs = [d for spec in data_specs(cfg.data) for d in read_documents(spec, cfg.text_field, cfg.split, cfg.max_docs)]
     data = pack(docs, tok, cfg.seq_len, model.config.block_length, cfg.val_fraction, cfg.seed)
     model = prepare_trainable(model, cfg)
@@ -91,9 +92,40 @@ def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
     if acc.is_main_process:
         atomic_write_text(folder.path / "uptrain_config.json",
                           json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2) + "\n")
-    loop(cfg, acc, model, (teacher, tap), opt, data, state, folder)
+    try:
+        loop(cfg, acc, model, teacher, opt, data, state, folder)
+    finally:
+        teacher.close()
     write_final(cfg, acc, model, tok, data, state, folder)
     return state
+
+
+@dataclass
+class Guide:
+    """The teacher and the hooks its extra losses read: the state at the split (--align-weight), and the outputs
+    of the teacher's upper layers beside those of the student's token-decoder layers copied from them
+    (--hidden-weight). `close` removes every hook, so the trained model leaves with none."""
+    model: object = None
+    align: LayerTap | None = None
+    upper: MultiTap | None = None
+    student: MultiTap | None = None
+
+    @classmethod
+    def build(cls, cfg: UptrainConfig, model, teacher) -> "Guide":
+        if teacher is None:
+            return cls()
+        align = LayerTap(teacher, teacher_align_layer(model.config, teacher)) if cfg.align_weight else None
+        upper = student = None
+        if cfg.hidden_weight:
+            layers = teacher.get_submodule(family_for(teacher.config.model_type).layers)
+            upper = MultiTap([layers[i] for i in teacher_token_layers(model.config, teacher)])
+            student = MultiTap(list(model.token_decoder.layers))
+        return cls(teacher, align, upper, student)
+
+    def close(self) -> None:
+        for tap in (self.align.taps if self.align else None, self.upper, self.student):
+            for h in tap.handles if tap else ():
+                h.remove()
 
 
 def load_teacher(cfg: UptrainConfig, tok):
@@ -181,8 +213,8 @@ def loop(cfg, acc, model, teacher, opt, data, state, folder):
     world, rank = acc.num_processes, acc.process_index
     gb = cfg.batch_size * cfg.grad_accum * world
     device = acc.device
-    if teacher[0] is not None:
-        teacher[0].to(device)
+    if teacher.model is not None:
+        teacher.model.to(device)
     bar = tqdm(total=step_budget(cfg.max_steps, cfg.max_tokens, gb * cfg.seq_len), initial=state["step"], disable=not acc.is_main_process,
                unit="step")
     t_start = time.perf_counter() - state["train_seconds"]
@@ -300,20 +332,26 @@ def zip_rows(data, rows):
     return (torch.stack([g[k] for g in got]) for k in range(3))
 
 
-def micro_loss(cfg, acc, model, teacher_tap, ids, mask, labels):
+def micro_loss(cfg, acc, model, guide: Guide, ids, mask, labels):
     out = model(ids, attention_mask=mask, return_hidden=True)
     h, ctx, shift = out.hidden_states
+    conf = acc.unwrap_model(model).config
     head = output_head(acc.unwrap_model(model))
-    teacher, tap = teacher_tap
     t_pair = None
-    if teacher is not None:
+    if guide.model is not None:
         with torch.no_grad():
-            t_out = teacher.base_model(input_ids=ids, attention_mask=mask.long())
-        t_pair = (t_out.last_hidden_state, output_head(teacher))
-    loss, n = token_loss(h, labels, head, t_pair, cfg.temperature, cfg.kd_weight if teacher is not None else 0.0)
-    if tap is not None:
-        a, m = alignment_loss(ctx, shift, tap.take(), mask, acc.unwrap_model(model).config.block_length)
+            t_out = guide.model.base_model(input_ids=ids, attention_mask=mask.long())
+        t_pair = (t_out.last_hidden_state, output_head(guide.model))
+    loss, n = token_loss(h, labels, head, t_pair, cfg.temperature, cfg.kd_weight if guide.model is not None else 0.0)
+    if guide.align is not None:
+        a, m = alignment_loss(ctx, shift, guide.align.take(), mask, conf.block_length)
         loss = loss + cfg.align_weight * a * n / max(m, 1)
+    if guide.upper is not None:
+        idx = prediction_slots(ids.shape[1], shift, conf.block_length)
+        valid = torch.zeros_like(labels, dtype=torch.bool)
+        valid[:, :-1] = labels[:, 1:] != -100                     # the positions token_loss scores
+        s = layerwise_state_loss(guide.student.take(), guide.upper.take(), idx, valid, conf.prefix_length)
+        loss = loss + cfg.hidden_weight * s
     return loss, n
 
 
