@@ -13,6 +13,7 @@ token and per position in the block on WikiText-2 test text (first-token alignme
 
     python bench/window_oracle.py --tokens 2048                        # SmolLM2-135M, ~5 min on 2 cores
     python bench/window_oracle.py --tokens 2048 --block-layers 24 --block-length 2     # another split and block
+    python bench/window_oracle.py --tokens 2048 --block-layers 24 --block-rope-stride 4 # block i at rope position 4i
     python bench/window_oracle.py --source tiny/ --tokens 256 --calib-tokens 1024 --calib-data notes.txt --rows 64
 """
 from __future__ import annotations
@@ -88,6 +89,15 @@ def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, cal
     return original, model, split, calib, torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
 
 
+def stretch_block_positions(model, stride: int) -> None:
+    """Probe only (not a model option): the block decoder's rotary positions times `stride`. With the contextual
+    init the block decoder reads each block's last token, which sat L_B positions after the previous one in the
+    original; stride L_B restores those distances, stride 1 (the model's own) counts blocks."""
+    if stride != 1:
+        ropes = model.block_decoder.ropes
+        model.block_decoder.ropes = lambda pos, dtype: ropes(pos * stride, dtype)
+
+
 @click.command()
 @click.option("--source", default="default", help="Original model (folder, hub id, .gguf, default).")
 @click.option("--tokens", default=2048, help="WikiText-2 test tokens scored.")
@@ -96,11 +106,14 @@ def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, cal
 @click.option("--calib-data", default="corpus/gutenberg", help="Calibration text.")
 @click.option("--block-layers", type=int, default=None, help="Original layers in the block decoder (default: half).")
 @click.option("--block-length", default=4, help="Tokens per block (L_B).")
+@click.option("--block-rope-stride", default=1, help="Probe: block i enters the block decoder's rotary embedding at "
+              "position STRIDE * i (L_B: the token distances the original's layers were trained on).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/window_oracle.json"), help="JSON file.")
-def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_length, json_out):
+def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_length, block_rope_stride, json_out):
     t0 = time.perf_counter()
     original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data, block_layers,
                                                        block_length)
+    stretch_block_positions(model, block_rope_stride)
     out = {}
     print(f"{'variant':<12} {'mean NLL':>9}   per position in the block")
     for v in VARIANTS:
@@ -108,6 +121,7 @@ def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_len
         out[v] = {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
         print(f"{v:<12} {out[v]['nll']:>9.3f}   {out[v]['per_position']}", flush=True)
     res = {"cpu": cpu_name(), "source": source, "split_layer": split, "block_length": block_length,
+           "block_rope_stride": block_rope_stride,
            "tokens": int(test.numel()), "calib_tokens": calib_tokens, "variants": out,
            "seconds": round(time.perf_counter() - t0, 1)}
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,26 @@ def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path, bloc
     assert v["model"]["per_position"][1] != pytest.approx(v["true tokens"]["per_position"][1], abs=1e-3)
 
 
+def test_window_oracle_rope_stride_moves_the_block_decoder_only(tiny_dirs, tmp_path):
+    """--block-rope-stride: stride 1 is the model itself; stride 4 changes the context embeddings (the block
+    decoder's positions) and leaves the token decoder alone, which reads no rotary positions of the block decoder."""
+    from tiny import VOCAB, convert_tiny
+    oracle = bench_module("window_oracle")
+    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4)
+    ids = torch.randint(4, VOCAB, (2, 32))
+    x, pos = torch.randn(3, 6, blk.config.hidden_size), torch.arange(6).expand(3, -1)
+    with torch.no_grad():
+        ctx, local = blk.final_hidden(ids, with_context=True)[1], blk.token_decoder.run(x, pos, None)
+        oracle.stretch_block_positions(blk, 1)
+        torch.testing.assert_close(blk.final_hidden(ids, with_context=True)[1], ctx, rtol=0, atol=0)
+        oracle.stretch_block_positions(blk, 4)
+        moved = blk.final_hidden(ids, with_context=True)[1]
+    assert (moved - ctx)[:, 1:].abs().max() > 1e-4               # block 0 attends only to itself: no distance
+    torch.testing.assert_close(moved[:, 0], ctx[:, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(blk.token_decoder.run(x, pos, None), local, rtol=0, atol=0)
+
+
 def test_points_of_several_methods_at_one_budget_stay_apart(tmp_path):
     assert curve.resolve_point(f"16384/books={tmp_path}") == (16384, str(tmp_path), "books")
     assert curve.resolve_point(f"0={tmp_path}") == (0, str(tmp_path), "")
