@@ -158,7 +158,7 @@ def test_the_guide_removes_every_hook_it_set(tiny_dirs, tmp_path):
     that would hold on to its layers' outputs."""
     from tiny import load_original
     from blockformer.uptrain import UptrainConfig
-    from blockformer.uptrain.train import Guide
+    from blockformer.uptrain.losses import Guide
     blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=2)
     teacher = load_original(tiny_dirs["llama"])
     cfg = UptrainConfig("b", "d", tmp_path / "o", teacher="t", align_weight=0.1, hidden_weight=0.1, max_steps=1)

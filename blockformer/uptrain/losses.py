@@ -8,6 +8,8 @@ in backward) instead of being kept alive, as checkpoint arguments, until the bac
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -152,3 +154,31 @@ def alignment_loss(ctx, shift, teacher_hidden, mask, block_length: int):
     target = teacher_hidden.gather(1, pos[..., None].expand(-1, -1, ctx.shape[-1]))
     err = ((ctx.float() - target.float()) ** 2).mean(-1)
     return (err * ok).sum(), int(ok.sum())
+
+
+@dataclass
+class Guide:
+    """The teacher and the hooks its extra losses read: the state at the split (--align-weight), and the outputs
+    of the teacher's upper layers beside those of the student's token-decoder layers copied from them
+    (--hidden-weight). `close` removes every hook, so the trained model leaves with none."""
+    model: object = None
+    align: LayerTap | None = None
+    upper: MultiTap | None = None
+    student: MultiTap | None = None
+
+    @classmethod
+    def build(cls, cfg, model, teacher) -> "Guide":
+        if teacher is None:
+            return cls()
+        align = LayerTap(teacher, teacher_align_layer(model.config, teacher)) if cfg.align_weight else None
+        upper = student = None
+        if cfg.hidden_weight:
+            layers = teacher.get_submodule(family_for(teacher.config.model_type).layers)
+            upper = MultiTap([layers[i] for i in teacher_token_layers(model.config, teacher)])
+            student = MultiTap(list(model.token_decoder.layers))
+        return cls(teacher, align, upper, student)
+
+    def close(self) -> None:
+        for tap in (self.align.taps if self.align else None, self.upper, self.student):
+            for h in tap.handles if tap else ():
+                h.remove()

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,13 +27,11 @@ from .. import sources
 from ..errors import BlockformerError
 from ..io import atomic_folder, atomic_write_text
 from ..machine import cpu_flags
-from ..families import family_for
 from ..model import output_head, prediction_slots
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UptrainConfig, data_specs, step_budget
 from .data import pack, read_documents
-from .losses import (LayerTap, MultiTap, alignment_loss, layerwise_state_loss, teacher_align_layer,
-                     teacher_token_layers, token_loss)
+from .losses import Guide, alignment_loss, layerwise_state_loss, token_loss
 
 __all__ = ["UptrainConfig", "uptrain", "latest_checkpoint"]
 
@@ -98,34 +96,6 @@ def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
         teacher.close()
     write_final(cfg, acc, model, tok, data, state, folder)
     return state
-
-
-@dataclass
-class Guide:
-    """The teacher and the hooks its extra losses read: the state at the split (--align-weight), and the outputs
-    of the teacher's upper layers beside those of the student's token-decoder layers copied from them
-    (--hidden-weight). `close` removes every hook, so the trained model leaves with none."""
-    model: object = None
-    align: LayerTap | None = None
-    upper: MultiTap | None = None
-    student: MultiTap | None = None
-
-    @classmethod
-    def build(cls, cfg: UptrainConfig, model, teacher) -> "Guide":
-        if teacher is None:
-            return cls()
-        align = LayerTap(teacher, teacher_align_layer(model.config, teacher)) if cfg.align_weight else None
-        upper = student = None
-        if cfg.hidden_weight:
-            layers = teacher.get_submodule(family_for(teacher.config.model_type).layers)
-            upper = MultiTap([layers[i] for i in teacher_token_layers(model.config, teacher)])
-            student = MultiTap(list(model.token_decoder.layers))
-        return cls(teacher, align, upper, student)
-
-    def close(self) -> None:
-        for tap in (self.align.taps if self.align else None, self.upper, self.student):
-            for h in tap.handles if tap else ():
-                h.remove()
 
 
 def load_teacher(cfg: UptrainConfig, tok):
