@@ -4,7 +4,8 @@
     blockformer bench out/smollm2-block --baseline default --quick         # shorter lengths, a minute or two
     blockformer bench out/tiny --baseline tiny-orig --prompt-len 16 --gen-len 8 --batch-sizes 1,2 --repeats 2
 
-Random prompt tokens, EOS disabled, one warm-up, then the median of timed runs (clock read after synchronising).
+Random prompt tokens, EOS disabled, one warm-up each, then rounds in which every engine runs once, the order reversed
+from round to round (clock read after synchronising); speed-ups are medians of the ratios within a round.
 The original runs three ways in the same run and dtype (`--baselines`): HF `generate` with its default attention (sdpa)
 and dynamic cache; HF `generate` with its static cache; and our own decoder running the degenerate conversion (the
 original exactly). The block model's speed-up over the last is the architecture's alone, and the cost model
@@ -80,13 +81,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             _check_context(model, P, G)
             ids = torch.randint(10, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(cfg.seed))
             ids = ids.to(cfg.device)
-            point["block"] = measure(lambda n: model.generate(ids, max_new_tokens=n, eos_token_id=None), B, G, cfg)
+            gens = {"block": lambda n: model.generate(ids, max_new_tokens=n, eos_token_id=None),
+                    **{role: (lambda n, run=run: run(ids, n)) for role, run in runners.items()}}
+            point.update(measure(gens, B, G, cfg))  # the original, each way, in the same rounds as the block model
             point["block"]["kv_cache_bytes"] = B * model.kv_cache_bytes(P + G)
             bytes_el = model.lm_head.weight.element_size()
-            for role, run in runners.items():  # the original, each way, in the same run as the block model
-                point[role] = measure(lambda n, run=run: run(ids, n), B, G, cfg)
+            for role in runners:
                 point[role]["kv_cache_bytes"] = B * costs.original_kv_bytes(baseline.config, P + G, bytes_el)
-                point[f"speedup_vs_{role}"] = point["block"]["tokens_per_s"] / point[role]["tokens_per_s"]
+                point[f"speedup_vs_{role}"] = paired_speedup(point["block"]["seconds_all"], point[role]["seconds_all"])
             if "original" in point:
                 point["speedup"] = point["speedup_vs_original"]  # against HF generate, as the report has it
             decode_gbs = res["machine"].setdefault("decode_gbs_by_batch", {})
@@ -140,20 +142,44 @@ def hf_generate(model, ids, n: int, **kw):
     return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
 
 
-def measure(gen, B: int, G: int, cfg: BenchConfig) -> dict:
-    """Warm-up, then median wall time of full runs and of one-token runs (time to first token), peak memory."""
+def measure(gens: dict, B: int, G: int, cfg: BenchConfig) -> dict:
+    """{role: wall times, medians, time to first token, peak memory} for each engine in `gens` (role -> gen(n)).
+
+    A warm-up of each, then rounds: every engine once per round, in an order that reverses from one round to the
+    next (ABC CBA ...), so that a machine that speeds up or slows down during the bench (shared or throttled cores)
+    weighs on every engine alike; `paired_speedup` then compares engines within a round."""
+    roles = list(gens)
     try:
-        gen(2)  # warm-up: every code path, caches allocated once
-        ttft = statistics.median(_timed(lambda: gen(1), cfg.device) for _ in range(cfg.repeats))
-        reset_peak_memory(cfg.device)
-        times = [_timed(lambda: gen(G), cfg.device) for _ in range(cfg.repeats)]
+        for role in roles:
+            gens[role](2)  # warm-up: every code path, caches allocated once
+        ttft = {role: [] for role in roles}
+        for order in _rounds(roles, cfg.repeats):
+            for role in order:
+                ttft[role].append(_timed(lambda: gens[role](1), cfg.device))
+        times, peaks = {role: [] for role in roles}, {role: 0 for role in roles}
+        for order in _rounds(roles, cfg.repeats):
+            for role in order:
+                reset_peak_memory(cfg.device)
+                times[role].append(_timed(lambda: gens[role](G), cfg.device))
+                peaks[role] = max(peaks[role], peak_memory(cfg.device) or 0)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if "memory" in str(e).lower() or "alloc" in str(e).lower():
             raise BlockformerError(f"batch {B} does not fit in memory; try a smaller --batch-sizes") from e
         raise
-    t = statistics.median(times)
-    return {"seconds": t, "seconds_all": times, "tokens_per_s": B * G / t, "ttft_s": ttft,
-            "peak_memory_bytes": peak_memory(cfg.device)}
+    return {role: {"seconds": statistics.median(times[role]), "seconds_all": times[role],
+                   "tokens_per_s": B * G / statistics.median(times[role]), "ttft_s": statistics.median(ttft[role]),
+                   "peak_memory_bytes": peaks[role] or None} for role in roles}
+
+
+def _rounds(roles: list, repeats: int):
+    """The order of each round: as given, then reversed, alternately."""
+    return [roles if r % 2 == 0 else roles[::-1] for r in range(repeats)]
+
+
+def paired_speedup(block_times: list, other_times: list) -> float:
+    """Median over rounds of (the other engine's time / the block model's), both generating the same tokens: each
+    ratio compares two runs made back to back, so drift of the machine between rounds cancels."""
+    return statistics.median(o / b for b, o in zip(block_times, other_times))
 
 
 def _timed(fn, device: str) -> float:

@@ -48,6 +48,23 @@ def test_bench_cli_writes_table_json_and_plot(pair, tmp_path):
     assert (tmp_path / "b" / "throughput.png").stat().st_size > 1000
 
 
+def test_engines_are_timed_in_alternating_rounds_and_compared_within_them(monkeypatch):
+    """Each round times every engine once, the order reversing from round to round; the speed-up is the median of
+    the within-round ratios, so a machine that slows down between rounds does not bias it (the ratio of the two
+    medians would: 1.5 here instead of 3)."""
+    from blockformer import bench
+    calls, clock = [], {"block": iter([9, 9, 9, 1, 2, 3]), "orig": iter([9, 9, 9, 3, 3, 9])}  # 3 TTFT, 3 full each
+    gens = {role: (lambda n, role=role: calls.append((role, n))) for role in ("block", "orig")}
+    monkeypatch.setattr(bench, "_timed", lambda fn, device: (fn(), next(clock[calls[-1][0]]))[1])
+    res = bench.measure(gens, 1, 4, bench.BenchConfig("m", repeats=3))
+    assert calls[:2] == [("block", 2), ("orig", 2)]                          # warm-ups
+    full = [role for role, n in calls if n == 4]
+    assert full == ["block", "orig", "orig", "block", "block", "orig"]
+    assert res["block"]["seconds_all"] == [1, 2, 3] and res["orig"]["seconds_all"] == [3, 3, 9]
+    assert bench.paired_speedup(res["block"]["seconds_all"], res["orig"]["seconds_all"]) == 3
+    assert res["orig"]["seconds"] / res["block"]["seconds"] == 1.5
+
+
 @pytest.mark.parametrize("args,msg", [(["--prompt-len", "300", "--gen-len", "10"], "context"),
                                       (["--prompt-len", "5"], "--prompt-len and --gen-len"),
                                       (["--batch-sizes", "0"], "--batch-sizes"),
