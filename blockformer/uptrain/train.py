@@ -75,7 +75,7 @@ def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
     if model.config.model_type != "block_transformer":
         raise BlockformerError(f"{cfg.model} is not a Block Transformer folder; convert it first")
     cfg.seq_len = validate(cfg, model.config.block_length)
-    teacher = Guide.build(cfg, model, load_teacher(cfg, tok) if cfg.teacher else None)
+    guide = Guide.build(cfg, model, load_teacher(cfg, tok) if cfg.teacher else None)
     docs = [d for spec in data_specs(cfg.data) for d in read_documents(spec, cfg.text_field, cfg.split, cfg.max_docs)]
     data = pack(docs, tok, cfg.seq_len, model.config.block_length, cfg.val_fraction, cfg.seed)
     model = prepare_trainable(model, cfg)
@@ -91,9 +91,9 @@ def _uptrain(cfg: UptrainConfig, acc, folder: RunFolder) -> dict:
         atomic_write_text(folder.path / "uptrain_config.json",
                           json.dumps({**asdict(cfg), "out": str(cfg.out)}, indent=2) + "\n")
     try:
-        loop(cfg, acc, model, teacher, opt, data, state, folder)
+        loop(cfg, acc, model, guide, opt, data, state, folder)
     finally:
-        teacher.close()
+        guide.close()
     write_final(cfg, acc, model, tok, data, state, folder)
     return state
 
@@ -179,12 +179,12 @@ def finite_params(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
-def loop(cfg, acc, model, teacher, opt, data, state, folder):
+def loop(cfg, acc, model, guide, opt, data, state, folder):
     world, rank = acc.num_processes, acc.process_index
     gb = cfg.batch_size * cfg.grad_accum * world
     device = acc.device
-    if teacher.model is not None:
-        teacher.model.to(device)
+    if guide.model is not None:
+        guide.model.to(device)
     bar = tqdm(total=step_budget(cfg.max_steps, cfg.max_tokens, gb * cfg.seq_len), initial=state["step"], disable=not acc.is_main_process,
                unit="step")
     t_start = time.perf_counter() - state["train_seconds"]
@@ -193,7 +193,7 @@ def loop(cfg, acc, model, teacher, opt, data, state, folder):
         t0 = time.perf_counter()
         rows = rows_for_step(state["step"], gb, data.n_train, cfg.seed)
         mine = rows[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
-        loss_sum, count = step_losses(cfg, acc, model, teacher, data, mine, gb, device)
+        loss_sum, count = step_losses(cfg, acc, model, guide, data, mine, gb, device)
         check_update(cfg, acc, model, params, folder, loss_sum / max(count, 1), state["step"] + 1)
         # fault injection for tests: a learning-rate spike that makes the weights diverge at step N
         spike = 1e30 if os.environ.get("BLOCKFORMER_LR_SPIKE_AT_STEP") == str(state["step"] + 1) else 1.0
@@ -279,7 +279,7 @@ def checkpoint(cfg, acc, model, opt, state, folder: RunFolder) -> None:
     del model_sd, opt_sd
 
 
-def step_losses(cfg, acc, model, teacher, data, mine, gb, device):
+def step_losses(cfg, acc, model, guide, data, mine, gb, device):
     """Forward/backward over this process's micro-batches; the loss is a token mean over the global batch."""
     micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     batches = [tuple(t.to(device) for t in zip_rows(data, m)) for m in micro]
@@ -288,7 +288,7 @@ def step_losses(cfg, acc, model, teacher, data, mine, gb, device):
     total = 0.0
     for ids, mask, labels in batches:
         with autocast(cfg, device):
-            loss, _ = micro_loss(cfg, acc, model, teacher, ids, mask, labels)
+            loss, _ = micro_loss(cfg, acc, model, guide, ids, mask, labels)
         # DDP averages gradients over processes; scale so that the result is the global token mean
         acc.backward(loss * acc.num_processes / n_tok)
         total += loss.item()
