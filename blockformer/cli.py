@@ -195,7 +195,9 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
 @click.option("--prompt-len", type=int, default=None, help="A custom scenario: prompt length (with --gen-len).")
 @click.option("--gen-len", type=int, default=None, help="A custom scenario: tokens to generate (with --prompt-len).")
 @click.option("--batch-sizes", default=None, help="Comma-separated batch sweep [default: 8 prefill-heavy, 16 decode-heavy].")
-@click.option("--repeats", default=3, show_default=True, help="Timed rounds per point: each engine once per round, the order reversed between rounds; medians, and speed-ups as medians of within-round ratios.")
+@click.option("--repeats", default=3, show_default=True,
+              help="Timed rounds per point: each engine once per round, the order reversed between rounds; medians, "
+                   "and speed-ups as medians of within-round ratios.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Dtype of both models.")
 @click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True,
