@@ -140,8 +140,9 @@ def throughput(b: dict, figs: Path) -> list[tuple]:
             ("p", f"Block model (the converted weights; uptraining does not change speed) vs the original run three "
                   f"ways: Hugging Face `generate` (dynamic cache), with its static cache, and our own decoder on the "
                   f"degenerate conversion (the original exactly: the ratio to it is the architecture's alone, which the "
-                  f"cost model predicts); same run, {b['config']['dtype']} on {b['config']['device']}, median of "
-                  f"{b['config']['repeats']} runs after a warm-up; random prompts, EOS disabled. Cost model: machine "
+                  f"cost model predicts); same run, {b['config']['dtype']} on {b['config']['device']}, {b['config']['repeats']} "
+                  f"rounds after a warm-up (each engine once per round, the order reversed between rounds; speed-ups "
+                  f"are medians of the ratios within a round); random prompts, EOS disabled. Cost model: machine "
                   f"measured at {m.get('matmul_gflops', 0):.0f} GFLOP/s, {m.get('bandwidth_gbs', 0):.1f} GB/s."),
             ("table", head, body), ("img", figs / "throughput.png", "generated tokens/s, original vs block")]
 
