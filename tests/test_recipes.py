@@ -127,7 +127,7 @@ def test_shipped_recipes_leave_warmup_and_checkpoint(name):
 
 def test_default_recipe_keeps_its_budget():
     r = load_recipe("smollm2-135m-cpu")
-    assert budget_steps(r.uptrain, 4) == 128 and (r.uptrain["warmup_steps"], r.uptrain["save_every"]) == (16, 32)
+    assert budget_steps(r.uptrain, 4) == 32 and (r.uptrain["warmup_steps"], r.uptrain["save_every"]) == (4, 8)
     assert r.uptrain == build({}, Path("x.yaml")).uptrain
 
 
