@@ -12,14 +12,19 @@ from tiny import VOCAB, convert_tiny
 
 
 # ------------------------------------------------------------------ alignment
+def _block_length_one(tiny_dirs, tmp_path, layer_map):
+    """A tiny llama converted with L_B 1 (its decoders then compute the original's layers exactly) and the original."""
+    from tiny import load_original
+    return (convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=1, layer_map=layer_map),
+            load_original(tiny_dirs["llama"]))
+
+
 @pytest.mark.parametrize("layer_map", ["partition", "duplicate", "skip"])
 def test_alignment_compares_the_block_decoder_with_the_matching_teacher_layer(tiny_dirs, tmp_path, layer_map):
     """With block length 1 the converted block decoder computes exactly the original's first layers, so the
     alignment loss at init is 0 when (and only when) the right teacher layer is compared."""
-    from tiny import load_original
     from blockformer.uptrain.losses import LayerTap, alignment_loss, teacher_align_layer
-    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=1, layer_map=layer_map)
-    teacher = load_original(tiny_dirs["llama"])
+    blk, teacher = _block_length_one(tiny_dirs, tmp_path, layer_map)
     if layer_map == "skip":
         with pytest.raises(BlockformerError, match="layer-map skip"):
             teacher_align_layer(blk.config, teacher)
@@ -75,12 +80,10 @@ def test_layerwise_loss_compares_each_token_decoder_layer_with_its_source_layer(
     """Block length 1, one-token rows: the block decoder is the original's first layers and the token decoder reads
     only the prefix made of its output, so each token-decoder layer computes exactly its source layer of the
     teacher and the layer-wise loss is 0 when (and only when) the right teacher layers are compared."""
-    from tiny import load_original
     from blockformer.families import family_for
     from blockformer.model import prediction_slots
     from blockformer.uptrain.losses import MultiTap, layerwise_state_loss, teacher_token_layers
-    blk = convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=1, layer_map=layer_map)
-    teacher = load_original(tiny_dirs["llama"])
+    blk, teacher = _block_length_one(tiny_dirs, tmp_path, layer_map)
     if layer_map == "skip":
         with pytest.raises(BlockformerError, match="--layer-map partition"):
             teacher_token_layers(blk.config, teacher)
