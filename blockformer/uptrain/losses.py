@@ -31,14 +31,21 @@ def _chunk_loss(h, target, t_h, t_head, head, temperature: float, kd_weight: flo
     return loss
 
 
+def predicting(labels):
+    """(B, T) bool: the positions whose next token has a label (the positions every loss here scores)."""
+    valid = torch.zeros_like(labels, dtype=torch.bool)
+    valid[:, :-1] = labels[:, 1:] != -100
+    return valid
+
+
 def token_loss(h, labels, head, teacher=None, temperature=1.0, kd_weight=0.0, chunk=512):
     """Summed loss over the predicted positions and their count; `teacher` = (hidden (B, T, D), head) or None.
 
     Position t of `h` predicts `labels[:, t + 1]`.
     """
-    valid = labels[:, 1:] != -100
-    hs, target = h[:, :-1][valid], labels[:, 1:][valid]                          # (n, D), (n,)
-    th = teacher[0][:, :-1][valid].detach() if teacher is not None else None
+    valid = predicting(labels)
+    hs, target = h[valid], labels[:, 1:][valid[:, :-1]]                          # (n, D), (n,)
+    th = teacher[0][valid].detach() if teacher is not None else None
     t_head = teacher[1] if teacher is not None else None
     total = hs.new_zeros((), dtype=torch.float32)
     for i in range(0, hs.shape[0], chunk):

@@ -31,7 +31,7 @@ from ..model import output_head, prediction_slots
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UptrainConfig, data_specs, step_budget
 from .data import pack, read_documents
-from .losses import Guide, alignment_loss, layerwise_state_loss, token_loss
+from .losses import Guide, alignment_loss, layerwise_state_loss, predicting, token_loss
 
 __all__ = ["UptrainConfig", "uptrain", "latest_checkpoint"]
 
@@ -318,9 +318,7 @@ def micro_loss(cfg, acc, model, guide: Guide, ids, mask, labels):
         loss = loss + cfg.align_weight * a * n / max(m, 1)
     if guide.upper is not None:
         idx = prediction_slots(ids.shape[1], shift, conf.block_length)
-        valid = torch.zeros_like(labels, dtype=torch.bool)
-        valid[:, :-1] = labels[:, 1:] != -100                     # the positions token_loss scores
-        s = layerwise_state_loss(guide.student.take(), guide.upper.take(), idx, valid, conf.prefix_length)
+        s = layerwise_state_loss(guide.student.take(), guide.upper.take(), idx, predicting(labels), conf.prefix_length)
         loss = loss + cfg.hidden_weight * s
     return loss, n
 
