@@ -85,7 +85,7 @@ def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtyp
 @click.option("--limit", type=int, default=None, help="Evaluate a fixed-seed subset of N items per task.")
 @click.option("--seed", default=1234, show_default=True, help="Seed of the --limit subset.")
 @click.option("--batch-tokens", type=int, default=None,
-              help="Tokens per scoring batch [default: 2048 on CPU, 16384 on a GPU].")
+              help="Tokens per scoring batch [default: 1024 on CPU, 16384 on a GPU].")
 @click.option("--max-length", type=int, default=None,
               help="Longest scored window [default: the model's context, as lm-eval does].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",

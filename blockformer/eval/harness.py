@@ -35,7 +35,7 @@ class EvalConfig:
     data_dir: Path | None = None
     limit: int | None = None
     seed: int = 1234
-    batch_tokens: int | None = None  # None: 2048 on CPU, 16384 on a GPU
+    batch_tokens: int | None = None  # None: 1024 on CPU, 16384 on a GPU
     max_length: int | None = None
     dtype: str = "float32"
     out: Path | None = None
