@@ -59,15 +59,19 @@ def main():
 @click.option("--calib-data", default="corpus/gutenberg", show_default=True,
               help="--init contextual: calibration text (file, folder, bundled corpus name or dataset).")
 @click.option("--calib-tokens", default=65536, show_default=True, help="--init contextual: calibration tokens.")
+@click.option("--embedder-mix", default=0.0, show_default=True,
+              help="--init contextual: weight of the block's other tokens in the embedder (its last token has 1); "
+                   "0 hides them from the block decoder until training mixes them in.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly
 def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtype, max_shard_size, init, calib_data,
-            calib_tokens, overwrite):
+            calib_tokens, embedder_mix, overwrite):
     """Convert SRC (a model folder, hub id, .gguf file, or 'default') into a Block Transformer folder OUT."""
     from .convert import ConvertConfig, convert as run
     from .convert.card import summary_lines
     s = run(ConvertConfig(src, out, block_length, block_layers, layer_map, prefix_length, dtype, overwrite,
-                          max_shard_size, init=init, calib_data=calib_data, calib_tokens=calib_tokens))
+                          max_shard_size, init=init, calib_data=calib_data, calib_tokens=calib_tokens,
+                          embedder_mix=embedder_mix))
     for line in summary_lines(s):
         click.echo(line)
     click.echo(f"wrote {out} in {s['seconds']:.1f} s")

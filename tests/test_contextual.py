@@ -92,8 +92,20 @@ def test_contextual_beats_the_papers_init_on_calibration_text(tiny_dirs, notes, 
     assert kl(tmp_path / "ctx") < kl(tmp_path / "paper")
 
 
+def test_embedder_mix_adds_the_blocks_other_tokens_at_its_weight(tiny_dirs, notes, tmp_path):
+    s = contextual(tiny_dirs["llama"], tmp_path / "mix", notes, embedder_mix=0.3)
+    blk = load_block(tmp_path / "mix")
+    D = blk.config.hidden_size
+    x = torch.randn(2, 3, 4 * D)  # (B, n_blocks, L_B * D): the block's 4 token vectors, concatenated
+    want = 0.3 * (x[..., :D] + x[..., D:2 * D] + x[..., 2 * D:3 * D]) + x[..., 3 * D:]
+    torch.testing.assert_close(blk.embedder.proj(x), want)
+    assert s["embedder_mix"] == 0.3 and blk.config.provenance["init"]["embedder_mix"] == 0.3
+
+
 @pytest.mark.parametrize("kw, msg", [({"init": "magic"}, "--init must be one of"),
-                                     ({"calib_tokens": 0}, "--calib-tokens must be at least 1")])
+                                     ({"calib_tokens": 0}, "--calib-tokens must be at least 1"),
+                                     ({"init": "contextual", "embedder_mix": 1.5}, "--embedder-mix must be between"),
+                                     ({"embedder_mix": 0.2}, "--embedder-mix sets the contextual init")])
 def test_bad_init_options_are_one_line(tiny_dirs, tmp_path, kw, msg):
     with pytest.raises(BlockformerError, match=msg):
         convert(ConvertConfig(str(tiny_dirs["llama"]), tmp_path / "x", **kw))

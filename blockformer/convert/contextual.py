@@ -11,6 +11,9 @@ Three changes, each aimed at that mismatch (measured on SmolLM2-135M, docs/recov
      the upper layers park their attention on the first position; the short window otherwise has none.
   3. embedder <- the block's last token instead of the mean: the block decoder then reads real token vectors, as
      the lower layers were trained to, and block i's context embedding is the hidden state that closes block i.
+     `embedder_mix` a adds the block's other tokens at weight a (last token at 1): the last token alone hides 3 of
+     every 4 tokens from the block decoder, and a projection that starts at exactly 0 for them learns to use them
+     slowly; a small share keeps the lower layers reading a near-real token vector (docs/recovery.md).
 
     blockformer convert default out/smollm2-ctx --init contextual                # bundled corpus, 65,536 tokens
     blockformer convert tiny/ out/tiny-ctx --init contextual --calib-tokens 2048 --calib-data notes.txt
@@ -127,7 +130,7 @@ def contextual_table(embed: torch.Tensor, stats: SplitStats) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_contextual(model, stats: SplitStats) -> None:
+def apply_contextual(model, stats: SplitStats, embedder_mix: float = 0.0) -> None:
     """Set the three contextual parts of a freshly converted model (in place)."""
     td, dtype = model.token_decoder, model.lm_head.weight.dtype
     if model.config.tie_word_embeddings:  # keep the original output embeddings in the head
@@ -140,13 +143,13 @@ def apply_contextual(model, stats: SplitStats) -> None:
     td.expand.weight[:D] = 0  # slot 0: a constant sink, whatever the context
     td.expand.bias[:D] = stats.first.to(dtype)
     proj, L = model.embedder.proj, model.config.block_length
-    proj.weight.zero_()
-    proj.weight[:, (L - 1) * D:] = torch.eye(D, dtype=dtype)
+    eye = torch.eye(D, dtype=dtype)
+    proj.weight.copy_(torch.cat([eye * embedder_mix] * (L - 1) + [eye], dim=1))  # (D, L_B * D): [a I, ..., a I, I]
     proj.bias.zero_()
 
 
 def contextual_init(model, original, fam: Family, tokenizer, data: str, docs: list[str], n_tokens: int,
-                    seq_len: int = 512) -> dict:
+                    seq_len: int = 512, embedder_mix: float = 0.0) -> dict:
     """Calibrate on `docs` (read from `data`) and apply; returns what the conversion records in its summary."""
     first_token_layer = model.config.provenance["token_layers_from"]
     if not first_token_layer:
@@ -154,6 +157,6 @@ def contextual_init(model, original, fam: Family, tokenizer, data: str, docs: li
     seq_len = min(seq_len, getattr(original.config, "max_position_embeddings", seq_len) or seq_len)
     rows = calibration_rows(tokenizer, docs, n_tokens, seq_len)
     stats = split_stats(original, fam, first_token_layer[0], rows)
-    apply_contextual(model, stats)
-    return {"init": "contextual", "calib_data": data, "calib_tokens": stats.tokens,
+    apply_contextual(model, stats, embedder_mix)
+    return {"init": "contextual", "calib_data": data, "calib_tokens": stats.tokens, "embedder_mix": embedder_mix,
             "calib_distinct_tokens": int((stats.counts > 0).sum()), "split_layer": first_token_layer[0]}

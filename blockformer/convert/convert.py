@@ -46,6 +46,7 @@ class ConvertConfig:
     init: str = "paper"              # paper | contextual (blockformer/convert/contextual.py)
     calib_data: str = "corpus/gutenberg"  # --init contextual: text whose split-layer states set the new parts
     calib_tokens: int = 65536        # --init contextual: calibration tokens
+    embedder_mix: float = 0.0        # --init contextual: weight of the block's other tokens in the embedder (last: 1)
 
 
 def layer_count(n: int, block_layers: float | None) -> int | None:
@@ -87,6 +88,10 @@ def validate(cfg: ConvertConfig) -> None:
         raise BlockformerError(f"--init must be one of {', '.join(INITS)}, got {cfg.init}")
     if cfg.calib_tokens < 1:
         raise BlockformerError(f"--calib-tokens must be at least 1, got {cfg.calib_tokens}")
+    if not 0 <= cfg.embedder_mix <= 1:
+        raise BlockformerError(f"--embedder-mix must be between 0 and 1, got {cfg.embedder_mix}")
+    if cfg.embedder_mix and cfg.init != "contextual":
+        raise BlockformerError("--embedder-mix sets the contextual init's embedder; use it with --init contextual")
     check_out(Path(cfg.out), cfg.overwrite)
 
 
@@ -110,7 +115,8 @@ def convert(cfg: ConvertConfig) -> dict:
     model = build_block_model(original, fam, config, arch, block_src, token_src)
     init = {"init": "paper"}
     if cfg.init == "contextual":
-        init = contextual_init(model, original, fam, tokenizer, cfg.calib_data, calib, cfg.calib_tokens)
+        init = contextual_init(model, original, fam, tokenizer, cfg.calib_data, calib, cfg.calib_tokens,
+                               embedder_mix=cfg.embedder_mix)
     model.config.provenance["init"] = init
     summary = {**describe(model, original, cfg, src, time.perf_counter() - t0), **init,
                "tokenizer": "copied" if tokenizer is not None else None}
