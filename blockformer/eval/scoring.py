@@ -35,8 +35,8 @@ class Scorer:
         self.block = isinstance(model, BlockTransformerForCausalLM)
         self.device = next(model.parameters()).device
         # small batches keep activations in cache on a CPU; piqa, 100 items, 2 threads: Intel Xeon 18 s at 1024
-        # tokens, 22 s at 2048, 34 s at 16384; AMD EPYC (Zen 4) 13.7-14.1 s at 1024, 15.8 at 2048, 19.1 at 4096,
-        # 14.5-16.4 at 256-384 (median of 3 each; bench/eval_agreement.py). A GPU wants large ones.
+        # tokens, 22 s at 2048, 34 s at 16384; AMD EPYC (Zen 4) 13.7-14.1 s at 1024, 13.5-14.4 at 512, 15.8 at
+        # 2048, 19.1 at 4096, 14.5-16.4 at 256-384 (medians of 3, two passes). A GPU wants large ones.
         self.batch_tokens = batch_tokens or (16384 if self.device.type == "cuda" else 1024)
         self.max_batch = max_batch
         self.max_length = max_length or resolve_max_length(model.config, tokenizer)
