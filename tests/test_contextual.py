@@ -100,12 +100,15 @@ def test_embedder_mix_adds_the_blocks_other_tokens_at_its_weight(tiny_dirs, note
     want = 0.3 * (x[..., :D] + x[..., D:2 * D] + x[..., 2 * D:3 * D]) + x[..., 3 * D:]
     torch.testing.assert_close(blk.embedder.proj(x), want)
     assert s["embedder_mix"] == 0.3 and blk.config.provenance["init"]["embedder_mix"] == 0.3
+    # like --calib-tokens, it belongs to the contextual init: a recipe that switches to the paper's init keeps the
+    # recipe's mix and gets the paper's mean embedder
+    convert(ConvertConfig(str(tiny_dirs["llama"]), tmp_path / "paper", block_length=4, embedder_mix=0.3))
+    torch.testing.assert_close(load_block(tmp_path / "paper").embedder.proj(x), x.unflatten(-1, (4, D)).mean(-2))
 
 
 @pytest.mark.parametrize("kw, msg", [({"init": "magic"}, "--init must be one of"),
                                      ({"calib_tokens": 0}, "--calib-tokens must be at least 1"),
-                                     ({"init": "contextual", "embedder_mix": 1.5}, "--embedder-mix must be between"),
-                                     ({"embedder_mix": 0.2}, "--embedder-mix sets the contextual init")])
+                                     ({"init": "contextual", "embedder_mix": 1.5}, "--embedder-mix must be between")])
 def test_bad_init_options_are_one_line(tiny_dirs, tmp_path, kw, msg):
     with pytest.raises(BlockformerError, match=msg):
         convert(ConvertConfig(str(tiny_dirs["llama"]), tmp_path / "x", **kw))

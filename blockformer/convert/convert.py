@@ -90,8 +90,6 @@ def validate(cfg: ConvertConfig) -> None:
         raise BlockformerError(f"--calib-tokens must be at least 1, got {cfg.calib_tokens}")
     if not 0 <= cfg.embedder_mix <= 1:
         raise BlockformerError(f"--embedder-mix must be between 0 and 1, got {cfg.embedder_mix}")
-    if cfg.embedder_mix and cfg.init != "contextual":
-        raise BlockformerError("--embedder-mix sets the contextual init's embedder; use it with --init contextual")
     check_out(Path(cfg.out), cfg.overwrite)
 
 
