@@ -287,6 +287,9 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--hidden-weight", default=0.0, show_default=True,
               help="Weight of layer-wise distillation: each token-decoder layer's output against the teacher layer it "
                    "was copied from (relative squared error per predicted token).")
+@click.option("--block-start-weight", default=1.0, show_default=True,
+              help="Loss weight of the predictions of each block's first token, the ones made from the context "
+                   "embedding alone (others 1; renormalised so the mean weight stays 1).")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet/datasets.")
 @click.option("--split", default="train", show_default=True, help="Dataset split (Hugging Face datasets).")
 @click.option("--max-docs", type=int, default=None, help="Read at most N documents (streamed datasets stop there).")
@@ -309,7 +312,7 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace --out.")
 @friendly
-def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, hidden_weight, text_field, split, max_docs, seq_len,
+def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, hidden_weight, block_start_weight, text_field, split, max_docs, seq_len,
             batch_size, grad_accum, lr, warmup_steps, max_steps, max_tokens, max_time, lora_rank, freeze, precision, eval_every,
             save_every, keep_last, seed, resume, overwrite):
     """Uptrain MODEL (a converted folder) on --data, with cross-entropy or distillation from --teacher."""
@@ -320,7 +323,8 @@ def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, hid
                         max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,
                         freeze=tuple(f.strip() for f in freeze.split(",") if f.strip()), precision=precision, eval_every=eval_every,
                         save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite,
-                        max_docs=max_docs, hidden_weight=hidden_weight)
+                        max_docs=max_docs, hidden_weight=hidden_weight,
+                        block_start_weight=block_start_weight)
     s = run(cfg)
     last = s["history"][-1] if s["history"] else {}
     click.echo(f"{s['step']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s; last loss "

@@ -195,6 +195,44 @@ def test_distillation_matches_a_hand_computation_with_the_t2_factor():
     assert loss.item() == pytest.approx((1 - w) * ce.item() + w * T * T * kl.item(), rel=1e-5)
 
 
+def test_weighted_loss_matches_a_hand_computation_per_position():
+    import torch.nn.functional as F
+    from blockformer.uptrain.losses import token_loss
+    head, h, labels = _head_and_batch()
+    t_head, _, _ = _head_and_batch(seed=1)
+    th, weight = torch.randn(2, 7, 8), torch.rand(2, 7) * 3
+    T, w = 1.5, 0.4
+    loss, n = token_loss(h, labels, head, (th, t_head), temperature=T, kd_weight=w, weight=weight, chunk=3)
+    valid = labels[:, 1:] != -100
+    s, t, wt = head(h[:, :-1][valid]), t_head(th[:, :-1][valid]), weight[:, :-1][valid]
+    ce = F.cross_entropy(s, labels[:, 1:][valid], reduction="none")
+    p = F.softmax(t / T, -1)
+    kl = (p * (p.log() - F.log_softmax(s / T, -1))).sum(-1)
+    assert n == 10
+    assert loss.item() == pytest.approx((((1 - w) * ce + w * T * T * kl) @ wt).item(), rel=1e-5)
+    ones, _ = token_loss(h, labels, head, (th, t_head), temperature=T, kd_weight=w, weight=torch.ones(2, 7))
+    plain, _ = token_loss(h, labels, head, (th, t_head), temperature=T, kd_weight=w)
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_block_start_weights_mark_the_predictions_of_each_blocks_first_token(tiny_dirs, tmp_path):
+    """Where the weight is `start_weight`, the token predicted is the first of its block in the model's own
+    alignment (checked against where the model puts each token), and the mean weight per block is 1."""
+    from blockformer.model import align_to_blocks
+    from blockformer.uptrain.losses import block_start_weights
+    L, T = 4, 11
+    ids = torch.arange(1, T + 1).repeat(2, 1)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, :2] = False                                                       # row 1: two leading pads
+    aligned, _, shift = align_to_blocks(ids, mask, L)
+    w = block_start_weights(T, shift, L, 3.0)
+    for b in range(2):
+        for t in range(T - 1):
+            q = (aligned[b] == ids[b, t + 1]).nonzero().item()               # aligned slot of token t + 1
+            assert (w[b, t] > 1) == (q % L == 0)
+    assert w[0, :8].sum().item() == pytest.approx(8.0) and w.max().item() == pytest.approx(3 * 4 / 6)
+
+
 def test_loss_and_gradients_do_not_depend_on_the_chunk_size():
     from blockformer.uptrain.losses import token_loss
     head, h, labels = _head_and_batch()

@@ -49,13 +49,14 @@ class UptrainConfig:
     overwrite: bool = False
     max_docs: int | None = None     # documents read at most (streamed datasets stop there)
     hidden_weight: float = 0.0      # layer-wise distillation of the token decoder's states (per predicted token)
+    block_start_weight: float = 1.0  # loss weight of the predictions of each block's first token (others 1, renormed)
 
     def check(self) -> None:
         """Raise BlockformerError naming the first bad option as `field (--flag)`; no I/O, so recipes can call it."""
         at_least(self, 1, "seq_len", "batch_size", "grad_accum", "save_every", "eval_every", "keep_last", "val_rows",
                  "max_steps", "max_tokens", "max_docs", "lora_alpha")
         at_least(self, 0, "warmup_steps", "lora_rank")
-        positive(self, "lr", "temperature", "max_time")
+        positive(self, "lr", "temperature", "max_time", "block_start_weight")
         if not (self.max_steps or self.max_tokens or self.max_time):
             raise BlockformerError("set a budget: --max-steps, --max-tokens or --max-time")
         between(self, "kd_weight", 0, 1)

@@ -18,16 +18,21 @@ from ..errors import BlockformerError
 from ..families import family_for
 
 
-def _chunk_loss(h, target, t_h, t_head, head, temperature: float, kd_weight: float):
-    """Summed loss of one chunk: (1 - w) * CE + w * T^2 * KL(teacher || student) at temperature T."""
+def _chunk_loss(h, target, t_h, t_head, head, temperature: float, kd_weight: float, weight=None):
+    """Summed loss of one chunk: (1 - w) * CE + w * T^2 * KL(teacher || student) at temperature T; `weight` (n,)
+    scales each position's term (None: all 1)."""
     logits = head(h).float()
-    loss = (1 - kd_weight) * F.cross_entropy(logits, target, reduction="sum") if kd_weight < 1 else logits.sum() * 0
+    if kd_weight < 1:
+        ce = F.cross_entropy(logits, target, reduction="none" if weight is not None else "sum")
+        loss = (1 - kd_weight) * (ce @ weight if weight is not None else ce)
+    else:
+        loss = logits.sum() * 0
     if t_h is not None and kd_weight > 0:
         with torch.no_grad():
             t = F.log_softmax(t_head(t_h).float() / temperature, -1)
         s = F.log_softmax(logits / temperature, -1)
-        kl = (t.exp() * (t - s)).sum()
-        loss = loss + kd_weight * temperature ** 2 * kl
+        kl = t.exp() * (t - s)                                                  # (n, V)
+        loss = loss + kd_weight * temperature ** 2 * (kl.sum(-1) @ weight if weight is not None else kl.sum())
     return loss
 
 
@@ -38,21 +43,33 @@ def predicting(labels):
     return valid
 
 
-def token_loss(h, labels, head, teacher=None, temperature=1.0, kd_weight=0.0, chunk=512):
-    """Summed loss over the predicted positions and their count; `teacher` = (hidden (B, T, D), head) or None.
+def token_loss(h, labels, head, teacher=None, temperature=1.0, kd_weight=0.0, chunk=512, weight=None):
+    """Summed loss over the predicted positions and their count; `teacher` = (hidden (B, T, D), head) or None;
+    `weight` (B, T) scales each position's term (None: all 1).
 
     Position t of `h` predicts `labels[:, t + 1]`.
     """
     valid = predicting(labels)
+    w = weight[valid].float() if weight is not None else None
     hs, target = h[valid], labels[:, 1:][valid[:, :-1]]                          # (n, D), (n,)
     th = teacher[0][valid].detach() if teacher is not None else None
     t_head = teacher[1] if teacher is not None else None
     total = hs.new_zeros((), dtype=torch.float32)
     for i in range(0, hs.shape[0], chunk):
         t_chunk = th[i:i + chunk] if th is not None else None
+        w_chunk = w[i:i + chunk] if w is not None else None
         total = total + checkpoint(_chunk_loss, hs[i:i + chunk], target[i:i + chunk], t_chunk, t_head, head,
-                                   temperature, kd_weight, use_reentrant=False)
+                                   temperature, kd_weight, w_chunk, use_reentrant=False)
     return total, int(valid.sum())
+
+
+def block_start_weights(T: int, shift, L: int, start_weight: float):
+    """(B, T): weight of each position's prediction: `start_weight` where it predicts the first token of a block, 1
+    elsewhere, scaled so that the mean over a block is 1 (the loss keeps its scale, only its mix moves).
+
+    Position t predicts original token t + 1, which sits at aligned position t + 1 + shift (model.align_to_blocks)."""
+    starts = (torch.arange(T, device=shift.device) + 1 + shift[:, None]) % L == 0
+    return torch.where(starts, start_weight, 1.0) * (L / (start_weight + L - 1))
 
 
 # ------------------------------------------------------------------------------------------------ alignment

@@ -31,7 +31,7 @@ from ..model import output_head, prediction_slots
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import UptrainConfig, data_specs, step_budget
 from .data import pack, read_documents
-from .losses import Guide, alignment_loss, layerwise_state_loss, predicting, token_loss
+from .losses import Guide, alignment_loss, block_start_weights, layerwise_state_loss, predicting, token_loss
 
 __all__ = ["UptrainConfig", "uptrain", "latest_checkpoint"]
 
@@ -312,7 +312,10 @@ def micro_loss(cfg, acc, model, guide: Guide, ids, mask, labels):
         with torch.no_grad():
             t_out = guide.model.base_model(input_ids=ids, attention_mask=mask.long())
         t_pair = (t_out.last_hidden_state, output_head(guide.model))
-    loss, n = token_loss(h, labels, head, t_pair, cfg.temperature, cfg.kd_weight if guide.model is not None else 0.0)
+    weight = (block_start_weights(ids.shape[1], shift, conf.block_length, cfg.block_start_weight)
+              if cfg.block_start_weight != 1 else None)
+    loss, n = token_loss(h, labels, head, t_pair, cfg.temperature, cfg.kd_weight if guide.model is not None else 0.0,
+                         weight=weight)
     if guide.align is not None:
         a, m = alignment_loss(ctx, shift, guide.align.take(), mask, conf.block_length)
         loss = loss + cfg.align_weight * a * n / max(m, 1)
