@@ -175,3 +175,13 @@ def test_compile_flag_on_a_vanilla_model_is_one_line(tiny_dirs):
     from blockformer.cli import main
     r = CliRunner().invoke(main, ["generate", str(tiny_dirs["llama"]), "w5 w6", "--compile", "--max-new-tokens", "2"])
     assert r.exit_code != 0 and "applies to Block Transformers" in r.output and "Traceback" not in r.output
+
+
+def test_greedy_pick_is_the_first_maximum_in_every_dtype():
+    # greedy decoding takes max's indices (faster than argmax on a CPU): ties must still go to the first maximum
+    from blockformer.generate import Sampling, next_token
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [0.0, -1.0, 7.0, 7.0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert next_token(logits.to(dtype), Sampling(), None).tolist() == [1, 0, 2]
+    wide = torch.randint(0, 3, (32, 49152), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    assert torch.equal(next_token(wide, Sampling(), None), wide.argmax(-1))

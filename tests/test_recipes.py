@@ -69,6 +69,8 @@ def test_stage_checks_run_on_the_merged_options(tmp_path, monkeypatch):
     ("\x00\x01\x02".encode(), "not valid YAML"),
     ("- convert\n- uptrain\n", "a recipe is a mapping of keys, got list"),
     ("just words\n", "a recipe is a mapping of keys, got str"),
+    ("uptrain:\n  lr: 0.001\n  seq_len: 256\n  lr: 0.1\n", ":4: not valid YAML (key 'lr' is given twice)"),
+    ("out: a\nout: b\n", ":2: not valid YAML (key 'out' is given twice)"),
 ])
 def test_unreadable_recipes_are_one_line_errors(tmp_path, content, match):
     p = recipe_file(tmp_path, content)

@@ -91,7 +91,7 @@ def load_recipe(spec: str | None) -> Recipe:
     import yaml
     path = resolve_recipe(spec)
     try:
-        raw = yaml.safe_load(read_text(path)) or {}
+        raw = yaml.load(read_text(path), Loader=unique_key_loader()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -100,6 +100,24 @@ def load_recipe(spec: str | None) -> Recipe:
     if not isinstance(raw, dict):
         raise BlockformerError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     return build(raw, path)
+
+
+def unique_key_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error: plain YAML keeps the last
+    silently, so a recipe edited in one place could run with the value written in the other."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return UniqueKeyLoader
 
 
 def read_text(path: Path) -> str:
