@@ -6,6 +6,9 @@ on the same batch, and the teacher's no-grad forward (what distillation adds per
     python bench/uptrain_speed.py out/smollm2-block --precisions fp32,bf16 --steps 3 --seq-len 256
     python bench/uptrain_speed.py out/tiny --original tiny-orig --steps 2 --seq-len 32 --batch-size 2   # tiny
 
+The converted model runs three ways: full fine-tuning, LoRA r=16, and full with `--freeze` parts kept frozen (default
+the block decoder and the embedder); each row also gives its trainable parameters (AdamW keeps two fp32 states each).
+
 Each setting: one warm-up step, then the median step time over `--steps` steps (AdamW; `auto` = bf16 autocast where
 supported, as `blockformer uptrain` does). The CPU model and its bf16 features are printed beside the figures. The
 last stdout line is one JSON object.
@@ -80,7 +83,9 @@ def step_times(model, ids, steps, cfg, block: bool):
 @click.option("--seq-len", default=512, help="Tokens per row.")
 @click.option("--batch-size", default=4, help="Rows per step.")
 @click.option("--precisions", default=None, help="'fp32,bf16': compare precisions instead of full/LoRA/original.")
-def main(model, original, steps, seq_len, batch_size, precisions):
+@click.option("--freeze", default="block_decoder,embedder", show_default=True,
+              help="Comma-separated parts frozen in the third converted row.")
+def main(model, original, steps, seq_len, batch_size, precisions, freeze):
     cfg = UptrainConfig(model, "", Path("."))
     ids = torch.randint(10, 40000, (batch_size, seq_len))
     print(f"CPU: {cpu_name()} ({', '.join(cpu_features()) or 'no AVX-512/AMX'}); threads {torch.get_num_threads()}")
@@ -89,18 +94,22 @@ def main(model, original, steps, seq_len, batch_size, precisions):
         print(json.dumps({"precisions": res, "cpu": cpu_name(), "features": cpu_features(), "seq_len": seq_len,
                           "batch_size": batch_size}))
         return
-    rows = {}
-    for name, spec, lora in (("original (full)", original, 0), ("converted (full)", model, 0),
-                             ("converted (LoRA r=16)", model, 16)):
+    rows, trainable = {}, {}
+    frozen = tuple(p for p in freeze.split(",") if p)
+    for name, spec, lora, parts in (("original (full)", original, 0, ()), ("converted (full)", model, 0, ()),
+                                    ("converted (LoRA r=16)", model, 16, ()),
+                                    (f"converted (frozen: {', '.join(frozen)})", model, 0, frozen)):
         m = sources.load_model(sources.resolve(spec), torch.float32)
         if "converted" in name:
-            cfg.lora_rank = lora
+            cfg.lora_rank, cfg.freeze = lora, parts
             m = prepare_trainable(m, cfg)
         m.train()
         t = step_times(m, ids.clamp(max=m.config.vocab_size - 1), steps, cfg, "converted" in name)
         rows[name] = batch_size * seq_len / t
-        print(f"{name:24} {rows[name]:8.1f} tokens/s")
-    print(json.dumps({"tokens_per_s": rows, "seq_len": seq_len, "batch_size": batch_size}))
+        trainable[name] = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        print(f"{name:48} {rows[name]:8.1f} tokens/s, {trainable[name] / 1e6:6.1f}M trainable parameters")
+    print(json.dumps({"tokens_per_s": rows, "trainable_params": trainable, "cpu": cpu_name(), "seq_len": seq_len,
+                      "batch_size": batch_size}))
 
 
 if __name__ == "__main__":
