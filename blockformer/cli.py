@@ -302,7 +302,8 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--max-tokens", type=int, default=None, help="Budget: training tokens.")
 @click.option("--max-time", default=None, help="Budget: training time, e.g. 5m.")
 @click.option("--lora-rank", default=0, show_default=True, help="LoRA rank on the decoder linears (0: full fine-tuning).")
-@click.option("--freeze", default="", help="Comma-separated parts to freeze: embedder, block_decoder, token_decoder.")
+@click.option("--freeze", multiple=True, help="Part to keep frozen: embedder, block_decoder, token_decoder (repeat the "
+              "option or separate with commas).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware supports it.")
 @click.option("--eval-every", default=50, show_default=True, help="Validation every N steps.")
@@ -321,7 +322,7 @@ def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, hid
     cfg = UptrainConfig(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len,
                         batch_size, grad_accum, lr, warmup_steps=warmup_steps, max_steps=max_steps,
                         max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,
-                        freeze=tuple(f.strip() for f in freeze.split(",") if f.strip()), precision=precision, eval_every=eval_every,
+                        freeze=tuple(f.strip() for given in freeze for f in given.split(",") if f.strip()), precision=precision, eval_every=eval_every,
                         save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite,
                         max_docs=max_docs, hidden_weight=hidden_weight,
                         block_start_weight=block_start_weight)

@@ -84,6 +84,21 @@ def test_freeze_keeps_parts_fixed(block, corpus, tmp_path):
     assert not torch.equal(before["token_decoder.layers.1.mlp.up.weight"], after["token_decoder.layers.1.mlp.up.weight"])
 
 
+@pytest.mark.parametrize("args", [["--freeze", "block_decoder", "--freeze", "embedder"],
+                                  ["--freeze", "block_decoder,embedder"]])
+def test_freeze_given_twice_or_with_commas_freezes_every_part(block, corpus, tmp_path, args):
+    # a repeated --freeze once kept only its last value, silently: both forms must freeze both parts
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["uptrain", str(block), "--data", str(corpus), "--out", str(out), "--seq-len", "32",
+                                  "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", *args])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "uptrain_config.json").read_text())["freeze"] == ["block_decoder", "embedder"]
+    before, after = load_block(block).state_dict(), load_block(out / "model").state_dict()
+    for frozen in ("block_decoder.layers.1.mlp.up.weight", "embedder.proj.weight"):
+        assert torch.equal(before[frozen], after[frozen]), frozen
+    assert not torch.equal(before["token_decoder.layers.1.mlp.up.weight"], after["token_decoder.layers.1.mlp.up.weight"])
+
+
 def test_binary_jsonl_is_one_line(block, tmp_path):
     bad = tmp_path / "data.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n' + bytes(range(128, 256)) * 3)

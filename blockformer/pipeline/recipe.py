@@ -33,10 +33,9 @@ RECIPE_DEFAULTS = {
     "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768, "block_layers": 0.8,
                 "embedder_mix": 0.3},
     # pure distillation on teacher-written text: lower WikiText-2 and LAMBADA perplexity at 16k and 64k tokens;
-    # batch 4 kept: one row per step lowers perplexities but not LAMBADA accuracy at 32k (docs/recovery.md);
-    # the 24 lower layers and the embedder frozen: the same quality at 16k and 64k, 1.5x faster steps (docs/recovery.md)
+    # batch 4 kept: one row per step lowers perplexities but not LAMBADA accuracy at 32k (docs/recovery.md)
     "uptrain": {"data": SYNTH_DATA, "teacher": "source", "kd_weight": 1.0, "max_tokens": 32768, "seq_len": 256,
-                "warmup_steps": 4, "eval_every": 8, "save_every": 8, "freeze": ["block_decoder", "embedder"]},
+                "warmup_steps": 4, "eval_every": 8, "save_every": 8},
     "eval": {"limit": 50, "tasks": ["piqa", "arc_easy", "hellaswag", "lambada_openai"]},
     "bench": {"scenarios": {k: list(v) for k, v in QUICK.items()}, "repeats": 2, "device": "auto"},
 }
