@@ -322,7 +322,8 @@ def uptrain(model, data, out, teacher, kd_weight, temperature, align_weight, hid
     cfg = UptrainConfig(model, data, out, teacher, kd_weight, temperature, align_weight, text_field, split, seq_len,
                         batch_size, grad_accum, lr, warmup_steps=warmup_steps, max_steps=max_steps,
                         max_tokens=max_tokens, max_time=parse_duration(max_time), lora_rank=lora_rank,
-                        freeze=tuple(f.strip() for given in freeze for f in given.split(",") if f.strip()), precision=precision, eval_every=eval_every,
+                        freeze=tuple(f.strip() for given in freeze for f in given.split(",") if f.strip()),
+                        precision=precision, eval_every=eval_every,
                         save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, overwrite=overwrite,
                         max_docs=max_docs, hidden_weight=hidden_weight,
                         block_start_weight=block_start_weight)
