@@ -14,6 +14,7 @@ token and per position in the block on WikiText-2 test text (first-token alignme
     python bench/window_oracle.py --tokens 2048                        # SmolLM2-135M, ~5 min on 2 cores
     python bench/window_oracle.py --tokens 2048 --block-layers 24 --block-length 2     # another split and block
     python bench/window_oracle.py --tokens 2048 --block-layers 24 --block-rope-stride 4 # block i at rope position 4i
+    python bench/window_oracle.py --tokens 2048 --model runs/up/model   # an uptrained model instead of a fresh one
     python bench/window_oracle.py --source tiny/ --tokens 256 --calib-tokens 1024 --calib-data notes.txt --rows 64
 """
 from __future__ import annotations
@@ -84,9 +85,22 @@ def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, cal
     split = model.config.provenance["token_layers_from"][0]
     calib = calibration_rows(tok, read_calibration(calib_data), calib_tokens, rows)
     apply_contextual(model, split_stats(original, fam, split, calib))
+    return original, model, split, calib, test_rows(tok, tokens, rows)
+
+
+def trained_setup(source: str, model_dir: Path, tokens: int, rows: int):
+    """(original, the Block Transformer in `model_dir`, its split layer, WikiText-2 test rows)."""
+    src = sources.resolve(source)
+    original, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
+    model = sources.load_model(sources.resolve(str(model_dir)), torch.float32).eval()
+    split = model.config.provenance["token_layers_from"][0]
+    return original, model, split, test_rows(tok, tokens, rows)
+
+
+def test_rows(tok, tokens: int, rows: int) -> torch.Tensor:
     path, _ = datafiles.find_data("wikitext2/wiki.test.raw")
     ids = tok(read_text(path)[: 12 * tokens])["input_ids"][:tokens]
-    return original, model, split, calib, torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
+    return torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
 
 
 def stretch_block_positions(model, stride: int) -> None:
@@ -108,11 +122,17 @@ def stretch_block_positions(model, stride: int) -> None:
 @click.option("--block-length", default=4, help="Tokens per block (L_B).")
 @click.option("--block-rope-stride", default=1, help="Probe: block i enters the block decoder's rotary embedding at "
               "position STRIDE * i (L_B: the token distances the original's layers were trained on).")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Probe this (uptrained) Block Transformer instead of a fresh conversion of --source.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/window_oracle.json"), help="JSON file.")
-def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_length, block_rope_stride, json_out):
+def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_length, block_rope_stride, model_dir,
+         json_out):
     t0 = time.perf_counter()
-    original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data, block_layers,
-                                                       block_length)
+    if model_dir is not None:  # what is left after training: the trained token decoder given the oracle's inputs
+        original, model, split, test = trained_setup(source, model_dir, tokens, rows)
+    else:
+        original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data,
+                                                           block_layers, block_length)
     stretch_block_positions(model, block_rope_stride)
     out = {}
     print(f"{'variant':<12} {'mean NLL':>9}   per position in the block")
@@ -120,7 +140,7 @@ def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_len
         tot, n = block_nll(model, original, split, test, v)
         out[v] = {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
         print(f"{v:<12} {out[v]['nll']:>9.3f}   {out[v]['per_position']}", flush=True)
-    res = {"cpu": cpu_name(), "source": source, "split_layer": split, "block_length": block_length,
+    res = {"cpu": cpu_name(), "source": source, "model": str(model_dir) if model_dir else None, "split_layer": split, "block_length": model.config.block_length,
            "block_rope_stride": block_rope_stride,
            "tokens": int(test.numel()), "calib_tokens": calib_tokens, "variants": out,
            "seconds": round(time.perf_counter() - t0, 1)}

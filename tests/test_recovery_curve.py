@@ -97,6 +97,27 @@ def test_window_oracle_variants_share_what_they_should(tiny_dirs, tmp_path, bloc
     assert v["model"]["per_position"][1] != pytest.approx(v["true tokens"]["per_position"][1], abs=1e-3)
 
 
+def test_window_oracle_probes_a_saved_model_with_its_own_token_decoder(tiny_dirs, tmp_path):
+    """--model: the oracle reads the folder's Block Transformer (not a fresh conversion). Two folders that differ
+    only in the embedder and the prefix expansion give the same oracle variants (the token decoder fed the
+    original's states) and different model ones."""
+    from tiny import perturb_new_parts
+    oracle = bench_module("window_oracle")
+    convert_tiny(tiny_dirs["llama"], tmp_path / "a", block_length=4, block_layers=1)
+    perturb_new_parts(load_block(tmp_path / "a")).save_pretrained(tmp_path / "b")
+    out = {}
+    for name in ("a", "b"):
+        res = CliRunner().invoke(oracle.main, ["--source", str(tiny_dirs["llama"]), "--model", str(tmp_path / name),
+                                               "--tokens", "256", "--rows", "64", "--json-out", str(tmp_path / "o.json")])
+        assert res.exit_code == 0, res.output
+        out[name] = json.loads((tmp_path / "o.json").read_text())
+    assert out["a"]["split_layer"] == 1 and out["b"]["model"] == str(tmp_path / "b")
+    va, vb = out["a"]["variants"], out["b"]["variants"]
+    for v in ("original", "true prefix", "true both"):
+        assert va[v]["per_position"] == pytest.approx(vb[v]["per_position"], abs=1e-5), v
+    assert va["model"]["nll"] != pytest.approx(vb["model"]["nll"], abs=1e-3)
+
+
 def test_window_oracle_rope_stride_moves_the_block_decoder_only(tiny_dirs, tmp_path):
     """--block-rope-stride: stride 1 is the model itself; stride 4 changes the context embeddings (the block
     decoder's positions) and leaves the token decoder alone, which reads no rotary positions of the block decoder."""
