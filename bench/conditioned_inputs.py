@@ -8,6 +8,8 @@ regression on calibration text (targets: real state minus table entry), no train
 WikiText-2 test text (first-token alignment), for each ridge strength. Prints a line per strength; last line JSON.
 
     python bench/conditioned_inputs.py --calib-tokens 32768 --lambdas 1e2,1e3,1e4     # SmolLM2-135M, ~8 min, 1 core
+    python bench/conditioned_inputs.py --block-layers 24 --embedder-mix 0.3          # the default recipe's conversion
+    python bench/conditioned_inputs.py --block-layers 24 --embedder-mix 0.3 --features ctx+prev   # + a bigram's worth
     python bench/conditioned_inputs.py --source tiny/ --calib-tokens 1024 --calib-data notes.txt --tokens 512
 """
 from __future__ import annotations
@@ -35,30 +37,41 @@ def pieces(model, original, split: int, r):
     return H, ctx[:, k], r[:, L * k[:, None] + 1 + torch.arange(L - 1)], L * k[:, None] + 1 + torch.arange(L - 1)
 
 
-def fit(model, original, split: int, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normal equations per input slot j: X^T X (L-1, D+1, D+1) and X^T Y (L-1, D+1, D), float64."""
+FEATURES = ("ctx", "ctx+prev")
+
+
+def features(td, P: int, c, r, pos, which: str):
+    """Regressors per input slot (b, K, L-1, F): [ctx_k; 1], and with `ctx+prev` also the contextual-table entries
+    of the slot's own token and of the token before it (a bigram's worth of local context)."""
+    x = [c[:, :, None].expand(-1, -1, pos.shape[1], -1)]
+    if which == "ctx+prev":
+        x += [td.embed_tokens(r[:, pos].flatten(0, 1), P).view(*x[0].shape),
+              td.embed_tokens(r[:, pos - 1].flatten(0, 1), P).view(*x[0].shape)]
+    return torch.cat(x + [torch.ones(*x[0].shape[:3], 1)], -1)
+
+
+def fit(model, original, split: int, rows, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal equations per input slot j: X^T X (L-1, F, F) and X^T Y (L-1, F, D), float64."""
     L, P, td = model.config.block_length, model.config.prefix_length, model.token_decoder
-    D = model.config.hidden_size
-    xtx, xty = torch.zeros(L - 1, D + 1, D + 1, dtype=torch.float64), torch.zeros(L - 1, D + 1, D, dtype=torch.float64)
+    xtx = xty = 0
     for r in rows.split(2):
         H, c, toks, pos = pieces(model, original, split, r)
-        X = torch.cat([c, torch.ones(*c.shape[:2], 1)], -1).flatten(0, 1).double()          # (b*K, D+1)
+        X = features(td, P, c, r, pos, which).flatten(0, 1).double().transpose(0, 1)        # (L-1, b*K, F)
         Y = (H[:, pos] - td.embed_tokens(toks.flatten(0, 1), P).view_as(H[:, pos])).flatten(0, 1).double()
-        for j in range(L - 1):
-            xtx[j] += X.T @ X
-            xty[j] += X.T @ Y[:, j]
+        xtx = xtx + X.transpose(1, 2) @ X
+        xty = xty + X.transpose(1, 2) @ Y.transpose(0, 1)
     return xtx, xty
 
 
-def nll(model, original, split: int, rows, W=None) -> float:
-    """Mean NLL per token of every whole next block, the token inputs shifted by W_j [ctx; 1] when W is given."""
+def nll(model, original, split: int, rows, W=None, which: str = "ctx") -> float:
+    """Mean NLL per token of every whole next block, the token inputs shifted by W_j X_j when W is given."""
     L, P, td = model.config.block_length, model.config.prefix_length, model.token_decoder
     tot, n = 0.0, 0
     for r in rows.split(2):
         _, c, toks, pos = pieces(model, original, split, r)
         x_tok = td.embed_tokens(toks.flatten(0, 1), P).view(*c.shape[:2], L - 1, -1)       # (b, K, L-1, D)
         if W is not None:
-            x_tok = x_tok + torch.einsum("bkd,jde->bkje", torch.cat([c, torch.ones(*c.shape[:2], 1)], -1), W)
+            x_tok = x_tok + torch.einsum("bkjf,jfe->bkje", features(td, P, c, r, pos, which), W)
         x = torch.cat([td.prefix(c), x_tok], 2).flatten(0, 1)                               # (b*K, P+L-1, D)
         h = td.run(x, torch.arange(x.shape[1]).expand(x.shape[0], -1), causal_mask(torch.ones(x.shape[:2], dtype=torch.bool)))
         logits = model.lm_head(td.norm(h[:, P - 1:])).float()                              # (b*K, L, D)
@@ -74,19 +87,24 @@ def nll(model, original, split: int, rows, W=None) -> float:
 @click.option("--rows", default=512, help="Tokens per row.")
 @click.option("--calib-tokens", default=32768, help="Calibration tokens (contextual init and the fit).")
 @click.option("--calib-data", default="corpus/gutenberg", help="Calibration text.")
+@click.option("--block-layers", type=int, default=None, help="Original layers in the block decoder (default: half).")
+@click.option("--embedder-mix", type=float, default=0.0, help="Weight of the block's other tokens in the embedder.")
+@click.option("--features", "which", type=click.Choice(FEATURES), default="ctx",
+              help="Regressors: the context embedding; or it plus the table entries of the token and the one before.")
 @click.option("--lambdas", default="1e2,1e3,1e4", help="Comma-separated ridge strengths.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("runs/conditioned_inputs.json"), help="JSON.")
 @torch.inference_mode()
-def main(source, tokens, rows, calib_tokens, calib_data, lambdas, json_out):
-    original, model, split, calib, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data)
-    xtx, xty = fit(model, original, split, calib)
-    res = {"cpu": cpu_name(), "source": source, "tokens": int(test.numel()), "calib_tokens": calib_tokens,
+def main(source, tokens, rows, calib_tokens, calib_data, block_layers, embedder_mix, which, lambdas, json_out):
+    original, model, split, calib, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data,
+                                                           block_layers, embedder_mix=embedder_mix)
+    xtx, xty = fit(model, original, split, calib, which)
+    res = {"cpu": cpu_name(), "source": source, "split_layer": split, "embedder_mix": embedder_mix, "features": which, "tokens": int(test.numel()), "calib_tokens": calib_tokens,
            "contextual": round(nll(model, original, split, test), 4), "conditioned": {}}
     print(f"contextual init            {res['contextual']:.3f} nats/token", flush=True)
     eye = torch.eye(xtx.shape[-1], dtype=torch.float64)
     for lam in (float(x) for x in lambdas.split(",")):
         W = torch.stack([torch.linalg.solve(xtx[j] + lam * eye, xty[j]) for j in range(len(xtx))]).float()
-        res["conditioned"][f"{lam:g}"] = round(nll(model, original, split, test, W), 4)
+        res["conditioned"][f"{lam:g}"] = round(nll(model, original, split, test, W, which), 4)
         print(f"+ conditioned, ridge {lam:<8g} {res['conditioned'][f'{lam:g}']:.3f} nats/token", flush=True)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=2) + "\n")

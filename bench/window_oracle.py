@@ -76,7 +76,7 @@ def block_nll(model, original, split: int, rows: torch.Tensor, variant: str) -> 
 
 
 def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, calib_data: str,
-                     block_layers: int | None = None, block_length: int = 4):
+                     block_layers: int | None = None, block_length: int = 4, embedder_mix: float = 0.0):
     """(original, fresh `--init contextual` conversion, split layer, calibration rows, WikiText-2 test rows)."""
     torch.manual_seed(0)
     src = sources.resolve(source)
@@ -84,7 +84,7 @@ def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, cal
     model, fam = converted(src, original, ConvertConfig(source, Path("unused"), block_length, block_layers))
     split = model.config.provenance["token_layers_from"][0]
     calib = calibration_rows(tok, read_calibration(calib_data), calib_tokens, rows)
-    apply_contextual(model, split_stats(original, fam, split, calib))
+    apply_contextual(model, split_stats(original, fam, split, calib), embedder_mix)
     return original, model, split, calib, test_rows(tok, tokens, rows)
 
 

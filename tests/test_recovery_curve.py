@@ -149,13 +149,17 @@ def test_points_of_several_methods_at_one_budget_stay_apart(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_conditioned_inputs_probe_fits_and_reduces_to_the_init(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--features", "ctx+prev", "--block-layers", "1", "--embedder-mix", "0.3"]])
+def test_conditioned_inputs_probe_fits_and_reduces_to_the_init(tiny_dirs, tmp_path, extra):
     """bench/conditioned_inputs.py: an infinite ridge leaves the contextual init's NLL; a weak one changes it."""
     probe, notes = bench_module("conditioned_inputs"), notes_file(tmp_path)
     res = CliRunner().invoke(probe.main, ["--source", str(tiny_dirs["llama"]), "--tokens", "256", "--rows", "64",
                                           "--calib-tokens", "1024", "--calib-data", str(notes), "--lambdas", "1e12,1e-3",
-                                          "--json-out", str(tmp_path / "c.json")])
+                                          *extra, "--json-out", str(tmp_path / "c.json")])
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "c.json").read_text())
+    assert r["features"] == ("ctx+prev" if extra else "ctx")
+    if extra:
+        assert r["split_layer"] == 1 and r["embedder_mix"] == 0.3
     assert r["conditioned"]["1e+12"] == pytest.approx(r["contextual"], abs=1e-3)
     assert r["conditioned"]["0.001"] != pytest.approx(r["contextual"], abs=1e-3)
