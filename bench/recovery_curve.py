@@ -2,7 +2,9 @@
 
 Each point is a model folder or an uptraining checkpoint (`RUN/checkpoints/step-N`, exported next to it as a model
 folder); every point is scored on the same items: HellaSwag, PIQA, ARC-Easy (500-item fixed-seed subsets), LAMBADA
-(`--lambada-limit`, all 5,153 items by default, accuracy and perplexity) and WikiText-2 word perplexity (3 pages).
+(`--lambada-limit`, all 5,153 items by default, accuracy and perplexity; for Block Transformers also with the paper's
+anchoring, `--anchor first`, as a column beside ours) and WikiText-2 word perplexity (3 pages). A point's scores are
+kept in `--out`: re-running scores only what a point is missing.
 Per task and on average it reports the share of the original's above-chance accuracy each point keeps. Prints a
 table, writes JSON (`--out`/curve.json), a markdown table and a plot; the last stdout line is one JSON object.
 
@@ -62,11 +64,16 @@ def resolve_point(spec: str) -> tuple[int, str, str]:
     return int(tokens), path, method
 
 
+FIRST = "@first"  # a task scored with the paper's anchoring (`--anchor first`): LAMBADA's column beside ours
+
+
 def score(spec: str, role: str, tasks, limits, seed: int) -> dict:
     metrics = {}
     for task in tasks:
-        r = evaluate(EvalConfig(model=spec, tasks=(task,), limit=limits.get(task), seed=seed, role=role))
-        m = r["tasks"][task]["metrics"][role]
+        name, _, anchor = task.partition("@")
+        r = evaluate(EvalConfig(model=spec, tasks=(name,), limit=limits.get(name), seed=seed, role=role,
+                                anchor=anchor or "context"))
+        m = r["tasks"][name]["metrics"][role]
         metrics[task] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         print(f"  {role:>12} {task:<15} " + " ".join(f"{k}={v:.4g}" for k, v in metrics[task].items()
                                                        if k in ("acc", "acc_stderr", "perplexity", "word_perplexity",
@@ -92,12 +99,17 @@ def kept(model: dict, original: dict) -> dict:
 
 def table(curve: dict, tasks) -> str:
     cols = [t for t in tasks if t != "wikitext"]
-    head = "| model | tokens | " + " | ".join(f"{t} acc" for t in cols) + " | LAMBADA ppl | WikiText-2 word ppl | kept (mean) |"
-    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    first = any("lambada_openai" + FIRST in p["metrics"] for p in curve.values())
+    head = ("| model | tokens | " + " | ".join(f"{t} acc" for t in cols) + " | LAMBADA ppl |"
+            + (" LAMBADA acc / ppl, anchor first |" if first else "") + " WikiText-2 word ppl | kept (mean) |")
+    lines = [head, "|" + "---|" * (len(cols) + 5 + first)]
     for name, p in curve.items():
         m = p["metrics"]
         accs = [f"{m[t]['acc'] * 100:.1f} ± {m[t].get('acc_stderr', 0) * 100:.1f}" if t in m else "-" for t in cols]
         lam = f"{m['lambada_openai']['perplexity']:.4g}" if "lambada_openai" in m else "-"
+        if first:  # the paper's anchoring; a vanilla model scores the same under both
+            f = m.get("lambada_openai" + FIRST, m["lambada_openai"] if name == "original" else None)
+            lam += f" | {f['acc'] * 100:.1f} / {f['perplexity']:.4g}" if f else " | -"
         wiki = f"{m['wikitext']['word_perplexity']:.4g}" if "wikitext" in m else "-"
         k, se = p.get("kept", {}).get("mean"), p.get("kept", {}).get("mean_stderr") or 0
         se = 0 if name == "original" else se  # the reference itself: 100% by definition
@@ -142,8 +154,11 @@ def plot(curve: dict, out: Path) -> None:
 @click.option("--lambada-limit", type=int, default=None, help="LAMBADA items (default: all 5,153).")
 @click.option("--wikitext-limit", default=3, help="WikiText-2 pages.")
 @click.option("--seed", default=1234, help="Seed of the subsets.")
+@click.option("--lambada-first/--no-lambada-first", default=True, show_default=True,
+              help="Also score LAMBADA with the paper's anchoring (the first token closes block 0) for every point "
+                   "but the original, which scores the same under both.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for curve.json/md/png.")
-def main(original, points, tasks, limit, lambada_limit, wikitext_limit, seed, out):
+def main(original, points, tasks, limit, lambada_limit, wikitext_limit, seed, lambada_first, out):
     t0 = time.perf_counter()
     tasks = tuple(t for t in tasks.split(",") if t)
     limits = {t: limit for t in tasks} | {"lambada_openai": lambada_limit, "wikitext": wikitext_limit}
@@ -153,12 +168,14 @@ def main(original, points, tasks, limit, lambada_limit, wikitext_limit, seed, ou
     todo = [("original", original, None, "")] + [(f"{t} tokens" + (f" ({m})" if m else ""), p, t, m)
                                                   for t, p, m in map(resolve_point, points)]
     for name, spec, tokens, method in todo:
-        prev = done.get(name)
-        if prev and prev["spec"] == spec and set(prev["metrics"]) >= set(tasks):  # resumable: scored points are kept
-            curve[name] = prev
-        else:
-            curve[name] = {"spec": spec, "tokens": tokens, "method": method,
-                           "metrics": score(spec, name, tasks, limits, seed)}
+        want = tasks + ((f"lambada_openai{FIRST}",) if lambada_first and name != "original"
+                        and "lambada_openai" in tasks else ())
+        prev = done.get(name) if done.get(name, {}).get("spec") == spec else None
+        curve[name] = prev or {"spec": spec, "tokens": tokens, "method": method, "metrics": {}}
+        # resumable: a point's scored tasks are kept, only the missing ones are scored
+        missing = [t for t in want if t not in curve[name]["metrics"]]
+        if missing:
+            curve[name]["metrics"].update(score(spec, name, missing, limits, seed))
         curve[name]["kept"] = kept(curve[name]["metrics"], curve["original"]["metrics"])
         (out / "curve.json").write_text(json.dumps({"cpu": cpu_name(), "limits": limits, "points": curve}, indent=2))
     md = table(curve, tasks)

@@ -57,9 +57,20 @@ def test_curve_writes_table_json_plot_and_resumes_without_rescoring(run, tiny_di
     assert set(data) == {"original", "0 tokens", "64 tokens"} and (tmp_path / "curve.png").stat().st_size > 0
     assert last["kept_mean"]["0 tokens"] == data["0 tokens"]["kept"]["mean"]
     assert data["64 tokens"]["spec"].endswith("model-step-1") and "| 64 tokens | 64 |" in (tmp_path / "curve.md").read_text()
+    # LAMBADA under the paper's anchoring too, for every point but the original (the same under both anchors)
+    first = data["0 tokens"]["metrics"]["lambada_openai@first"]
+    ref = curve.evaluate(curve.EvalConfig(model=str(run / "block"), tasks=("lambada_openai",), limit=4, anchor="first"))
+    assert first["perplexity"] == pytest.approx(ref["tasks"]["lambada_openai"]["metrics"]["model"]["perplexity"])
+    assert first["perplexity"] != pytest.approx(data["0 tokens"]["metrics"]["lambada_openai"]["perplexity"])
+    assert "lambada_openai@first" not in data["original"]["metrics"] and "anchor first" in (tmp_path / "curve.md").read_text()
     calls = []
     monkeypatch.setattr(curve, "score", lambda *a, **k: calls.append(a) or {})
     assert CliRunner().invoke(curve.main, args).exit_code == 0 and calls == []
+    saved = json.loads((tmp_path / "curve.json").read_text())   # a point missing one task: only that one is scored
+    del saved["points"]["64 tokens"]["metrics"]["lambada_openai@first"]
+    (tmp_path / "curve.json").write_text(json.dumps(saved))
+    assert CliRunner().invoke(curve.main, args).exit_code == 0
+    assert [(c[1], c[2]) for c in calls] == [("64 tokens", ["lambada_openai@first"])]
 
 
 def bench_module(name: str):
