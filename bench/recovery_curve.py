@@ -108,7 +108,7 @@ def table(curve: dict, tasks) -> str:
         accs = [f"{m[t]['acc'] * 100:.1f} ± {m[t].get('acc_stderr', 0) * 100:.1f}" if t in m else "-" for t in cols]
         lam = f"{m['lambada_openai']['perplexity']:.4g}" if "lambada_openai" in m else "-"
         if first:  # the paper's anchoring; a vanilla model scores the same under both
-            f = m.get("lambada_openai" + FIRST, m["lambada_openai"] if name == "original" else None)
+            f = m.get("lambada_openai" + FIRST, m.get("lambada_openai") if name == "original" else None)
             lam += f" | {f['acc'] * 100:.1f} / {f['perplexity']:.4g}" if f else " | -"
         wiki = f"{m['wikitext']['word_perplexity']:.4g}" if "wikitext" in m else "-"
         k, se = p.get("kept", {}).get("mean"), p.get("kept", {}).get("mean_stderr") or 0
