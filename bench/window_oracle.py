@@ -85,7 +85,7 @@ def contextual_setup(source: str, tokens: int, rows: int, calib_tokens: int, cal
     split = model.config.provenance["token_layers_from"][0]
     calib = calibration_rows(tok, read_calibration(calib_data), calib_tokens, rows)
     apply_contextual(model, split_stats(original, fam, split, calib), embedder_mix)
-    return original, model, split, calib, test_rows(tok, tokens, rows)
+    return original, model, split, calib, wikitext_rows(tok, tokens, rows)
 
 
 def trained_setup(source: str, model_dir: Path, tokens: int, rows: int):
@@ -94,10 +94,10 @@ def trained_setup(source: str, model_dir: Path, tokens: int, rows: int):
     original, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
     model = sources.load_model(sources.resolve(str(model_dir)), torch.float32).eval()
     split = model.config.provenance["token_layers_from"][0]
-    return original, model, split, test_rows(tok, tokens, rows)
+    return original, model, split, wikitext_rows(tok, tokens, rows)
 
 
-def test_rows(tok, tokens: int, rows: int) -> torch.Tensor:
+def wikitext_rows(tok, tokens: int, rows: int) -> torch.Tensor:
     path, _ = datafiles.find_data("wikitext2/wiki.test.raw")
     ids = tok(read_text(path)[: 12 * tokens])["input_ids"][:tokens]
     return torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
@@ -129,6 +129,8 @@ def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_len
          json_out):
     t0 = time.perf_counter()
     if model_dir is not None:  # what is left after training: the trained token decoder given the oracle's inputs
+        if block_layers is not None or block_length != 4:
+            raise click.UsageError("--block-layers and --block-length shape a fresh conversion; --model has its own")
         original, model, split, test = trained_setup(source, model_dir, tokens, rows)
     else:
         original, model, split, _, test = contextual_setup(source, tokens, rows, calib_tokens, calib_data,
@@ -140,9 +142,9 @@ def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_len
         tot, n = block_nll(model, original, split, test, v)
         out[v] = {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
         print(f"{v:<12} {out[v]['nll']:>9.3f}   {out[v]['per_position']}", flush=True)
-    res = {"cpu": cpu_name(), "source": source, "model": str(model_dir) if model_dir else None, "split_layer": split, "block_length": model.config.block_length,
-           "block_rope_stride": block_rope_stride,
-           "tokens": int(test.numel()), "calib_tokens": calib_tokens, "variants": out,
+    res = {"cpu": cpu_name(), "source": source, "model": str(model_dir) if model_dir else None, "split_layer": split,
+           "block_length": model.config.block_length, "block_rope_stride": block_rope_stride,
+           "tokens": int(test.numel()), "calib_tokens": None if model_dir else calib_tokens, "variants": out,
            "seconds": round(time.perf_counter() - t0, 1)}
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=2) + "\n")
