@@ -14,6 +14,12 @@ def _layers(idx: list[int]) -> str:
     return ",".join(map(str, idx))
 
 
+def _embedder_layers(s: dict) -> str:
+    """'embedder <- layers 0-1 (inside each block), ' when the embedder runs the original's lowest layers."""
+    src = s.get("embedder_layers_from")
+    return f"embedder <- layers {_layers(src)} (inside each block), " if src else ""
+
+
 def summary_lines(s: dict) -> list[str]:
     p, kv = s["parameters"], s["kv_bytes_per_token"]
     seq = s["kv_bytes_per_sequence_at_2048"]
@@ -21,7 +27,7 @@ def summary_lines(s: dict) -> list[str]:
     return [
         f"source        {s['source']} ({s['family']}, {s['parameters_original'] / 1e6:.1f}M parameters)",
         f"layout        block length {s['block_length']}, prefix {s['prefix_length']}, {s['layer_map']}: "
-        f"block decoder <- layers {_layers(s['block_layers_from'])}, "
+        + _embedder_layers(s) + f"block decoder <- layers {_layers(s['block_layers_from'])}, "
         f"token decoder <- layers {_layers(s['token_layers_from'])}",
         "parameters    " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in p.items()),
         f"KV cache      original {_mb(kv['original'])}/token; converted {_mb(kv['block_decoder'])}/token "
@@ -59,7 +65,7 @@ model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_FOLDER")
 
 ## Layout
 - block length: {s['block_length']} tokens; prefix length: {s['prefix_length']}
-- layer map: `{s['layer_map']}`; block decoder <- original layers {_layers(s['block_layers_from'])};
+- layer map: `{s['layer_map']}`; {_embedder_layers(s)}block decoder <- original layers {_layers(s['block_layers_from'])};
   token decoder <- original layers {_layers(s['token_layers_from'])}
 - dtype: {s['dtype']}
 - tokenizer: {_tokenizer(s)}

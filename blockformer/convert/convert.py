@@ -47,6 +47,7 @@ class ConvertConfig:
     calib_data: str = "corpus/gutenberg"  # --init contextual: text whose split-layer states set the new parts
     calib_tokens: int = 65536        # --init contextual: calibration tokens
     embedder_mix: float = 0.0        # --init contextual: weight of the block's other tokens in the embedder (last: 1)
+    embedder_layers: int = 0         # the original's lowest layers, run inside each block by the embedder
 
 
 def layer_count(n: int, block_layers: float | None) -> int | None:
@@ -75,6 +76,14 @@ def plan_layers(n: int, layer_map: str, block_layers: float | None) -> tuple[lis
     return chosen, list(chosen)
 
 
+def split_embedder_layers(block_src: list[int], k: int) -> tuple[list[int], list[int]]:
+    """The block decoder's k lowest layers go to the embedder (run per block, at token level); at least one stays."""
+    if k >= len(block_src):
+        raise BlockformerError(f"--embedder-layers {k} leaves the block decoder no layer (it has {len(block_src)}); "
+                               f"use at most {len(block_src) - 1}")
+    return block_src[:k], block_src[k:]
+
+
 def validate(cfg: ConvertConfig) -> None:
     if cfg.block_length < 1:
         raise BlockformerError(f"--block-length must be at least 1, got {cfg.block_length}")
@@ -90,6 +99,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise BlockformerError(f"--calib-tokens must be at least 1, got {cfg.calib_tokens}")
     if not 0 <= cfg.embedder_mix <= 1:
         raise BlockformerError(f"--embedder-mix must be between 0 and 1, got {cfg.embedder_mix}")
+    if cfg.embedder_layers < 0:
+        raise BlockformerError(f"--embedder-layers must be 0 or more, got {cfg.embedder_layers}")
     check_out(Path(cfg.out), cfg.overwrite)
 
 
@@ -104,13 +115,14 @@ def convert(cfg: ConvertConfig) -> dict:
     arch = fam.arch(hf_cfg)
     n = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
     block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
+    local_src, block_src = split_embedder_layers(block_src, cfg.embedder_layers)
     check_window_fits(cfg, max_positions(hf_cfg, arch))
     ensure_writable(Path(cfg.out))  # a read-only or full disk fails now, not after loading the model
     calib = read_calibration(cfg.calib_data) if cfg.init == "contextual" else None
     tokenizer = optional_tokenizer(src, needed=cfg.init == "contextual")
     original = sources.load_model(src, DTYPES[cfg.dtype])
-    config = block_config(cfg, hf_cfg, arch, src, block_src, token_src)
-    model = build_block_model(original, fam, config, arch, block_src, token_src)
+    config = block_config(cfg, hf_cfg, arch, src, block_src, token_src, local_src)
+    model = build_block_model(original, fam, config, arch, block_src, token_src, local_src)
     init = {"init": "paper"}
     if cfg.init == "contextual":
         init = contextual_init(model, original, fam, tokenizer, cfg.calib_data, calib, cfg.calib_tokens,
@@ -176,25 +188,30 @@ def check_window_fits(cfg: ConvertConfig, n_pos: int) -> None:
                                f"token-decoder window of {window} positions; the model has {n_pos}")
 
 
-def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_src) -> BlockTransformerConfig:
+def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_src,
+                 local_src=()) -> BlockTransformerConfig:
     base = hf_cfg.to_dict()
     base.pop("quantization_config", None)
     arch = {**arch, "max_position_embeddings": max_positions(hf_cfg, arch)}
     windows = arch.pop("layer_windows", None)  # per ORIGINAL layer (None = global): follow the layer map
     if windows is not None:
         arch["block_windows"], arch["token_windows"] = [windows[i] for i in block_src], [windows[i] for i in token_src]
+        arch["embedder_windows"] = [windows[i] for i in local_src] or None
     return BlockTransformerConfig(
         vocab_size=hf_cfg.vocab_size, block_length=cfg.block_length, prefix_length=cfg.prefix_length,
-        num_block_layers=len(block_src), num_token_layers=len(token_src), base_config=base,
+        num_block_layers=len(block_src), num_token_layers=len(token_src), embedder_layers=len(local_src),
+        base_config=base,
         tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
         bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
         pad_token_id=getattr(hf_cfg, "pad_token_id", None),
         provenance={"source": cfg.source, "source_kind": src.kind, "family": hf_cfg.model_type,
-                    "layer_map": cfg.layer_map, "block_layers_from": block_src, "token_layers_from": token_src},
+                    "layer_map": cfg.layer_map, "block_layers_from": block_src, "token_layers_from": token_src,
+                    **({"embedder_layers_from": list(local_src)} if local_src else {})},
         **arch)
 
 
-def build_block_model(original, fam: Family, config, arch, block_src, token_src) -> BlockTransformerForCausalLM:
+def build_block_model(original, fam: Family, config, arch, block_src, token_src,
+                      local_src=()) -> BlockTransformerForCausalLM:
     sd = original.state_dict()
     dtype = next(original.parameters()).dtype
     used = {fam.embed, fam.head} if config.tie_word_embeddings else {fam.embed}  # a tied head is the embedding
@@ -208,10 +225,12 @@ def build_block_model(original, fam: Family, config, arch, block_src, token_src)
             ours[f"token_decoder.norm.{w}"] = take(f"{fam.final_norm}.{w}")
     if fam.wpe:
         ours["block_decoder.wpe.weight"] = ours["token_decoder.wpe.weight"] = take(fam.wpe)
-    for part, indices in (("block_decoder", block_src), ("token_decoder", token_src)):
+        if local_src:
+            ours["embedder.local.wpe.weight"] = sd[fam.wpe]
+    for part, indices in (("embedder.local", local_src), ("block_decoder", block_src), ("token_decoder", token_src)):
         for i, src_idx in enumerate(indices):
             ours.update(map_layer(fam, sd, src_idx, f"{part}.layers.{i}", arch, used))
-    check_all_used(original, fam, sd, used, set(block_src) | set(token_src))
+    check_all_used(original, fam, sd, used, set(block_src) | set(token_src) | set(local_src))
     model = BlockTransformerForCausalLM(config).to(dtype)  # new parts get the paper's init in __init__
     missing, unexpected = model.load_state_dict(ours, strict=False)
     new_parts = {"embedder.proj.weight", "embedder.proj.bias", "token_decoder.expand.weight",
@@ -243,6 +262,7 @@ def describe(model, original, cfg: ConvertConfig, src, seconds: float) -> dict:
         "source": cfg.source, "family": c.provenance["family"], "out": str(cfg.out),
         "block_length": c.block_length, "prefix_length": c.prefix_length, "layer_map": cfg.layer_map,
         "block_layers_from": c.provenance["block_layers_from"], "token_layers_from": c.provenance["token_layers_from"],
+        "embedder_layers_from": c.provenance.get("embedder_layers_from", []),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "parameters": model.parameter_counts(),
         "parameters_original": sum(p.numel() for p in original.parameters()),

@@ -81,6 +81,7 @@ def teacher_align_layer(config, teacher) -> int:
     matches no layer of the original.
     """
     src = list(config.provenance.get("block_layers_from") or range(config.num_block_layers))
+    src = list(config.provenance.get("embedder_layers_from", [])) + src  # the embedder's layers come first
     layer_map = config.provenance.get("layer_map", "partition")
     if src != list(range(len(src))):
         raise BlockformerError(f"align_weight (--align-weight): this model's block decoder holds original layers "

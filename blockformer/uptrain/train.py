@@ -113,7 +113,7 @@ def prepare_trainable(model, cfg: UptrainConfig):
     if cfg.lora_rank:
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=r".*decoder\.layers\.\d+\.(attn\.[qkvo]|mlp\.(gate|up|down))")
+                          target_modules=r".*(decoder|embedder\.local)\.layers\.\d+\.(attn\.[qkvo]|mlp\.(gate|up|down))")
         model = get_peft_model(model, lcfg)
         for name, p in model.named_parameters():
             if "embedder.proj" in name or "token_decoder.expand" in name:

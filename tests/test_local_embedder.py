@@ -1,0 +1,97 @@
+"""`convert --embedder-layers k`: the original's k lowest layers run inside each block by the embedder."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from blockformer.costs import predict
+from blockformer.errors import BlockformerError
+from blockformer.model import scaled_lookup
+from blockformer.uptrain.losses import teacher_align_layer
+from tiny import VOCAB, argmax_reference, assert_causal, convert_tiny, load_block, load_original, perturb_new_parts
+
+
+def ids(B=1, T=13, seed=0):
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def local(tiny_dirs, family, tmp_path):
+    """4 tiny layers: the embedder runs layers 0-1 per block, the block decoder 2, the token decoder 3."""
+    return perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=4, block_layers=3,
+                                          embedder_layers=2))
+
+
+@torch.no_grad()
+def test_local_layers_give_the_originals_states_of_a_block_that_starts_a_text(tiny_dirs, family, local):
+    """A block seen alone is a text of L_B tokens: the embedder's states are the original's entering layer 2."""
+    x = ids(T=4)
+    e = scaled_lookup(local.embedder.embed, x[:, None], local.embedder.scale)             # (1, 1, 4, D)
+    got = local.embedder.contextualise(e, torch.ones(1, 1, 4, dtype=torch.bool))[:, 0]
+    want = load_original(tiny_dirs[family])(x, output_hidden_states=True).hidden_states[2]
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert local.config.provenance["embedder_layers_from"] == [0, 1]
+    assert local.config.provenance["block_layers_from"] == [2]
+
+
+@torch.no_grad()
+def test_local_layers_change_the_block_vector(tiny_dirs, family, tmp_path, local):
+    """Not a no-op: the same conversion without them gives another block vector."""
+    plain = perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "p", block_length=4, block_layers=3))
+    x = ids(T=8).view(1, 2, 4)
+    m = torch.ones_like(x, dtype=torch.bool)
+    assert not torch.allclose(local.embedder(x, m), plain.embedder(x, m), atol=1e-3)
+
+
+@torch.no_grad()
+def test_causal_and_padding_with_local_layers(local):
+    assert_causal(local, ids(T=14), (0, 2, 5, 8, 12))
+    x = ids(T=10)
+    ref = local(x).logits[0]
+    for pad in (1, 3, 5):
+        padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), x], 1)
+        mask = torch.cat([torch.zeros(1, pad), torch.ones(1, 10)], 1).long()
+        assert_close(local(padded, attention_mask=mask).logits[0, pad:], ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_generation_with_local_layers_equals_forward_argmax(local, prompt_len):
+    prompt = ids(T=prompt_len, seed=prompt_len)
+    assert torch.equal(local.generate(prompt, max_new_tokens=10, eos_token_id=None),
+                       argmax_reference(local, prompt, 10))
+
+
+@torch.no_grad()
+def test_local_layers_save_and_load_bit_identical(local, tmp_path):
+    local.save_pretrained(tmp_path / "s")
+    again = load_block(tmp_path / "s")
+    assert again.config.embedder_layers == 2
+    x = ids(T=11)
+    assert torch.equal(again(x).logits, local(x).logits)
+
+
+def test_embedder_layers_must_leave_the_block_decoder_a_layer(tiny_dirs, tmp_path):
+    with pytest.raises(BlockformerError, match="leaves the block decoder no layer"):
+        convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_layers=2, embedder_layers=2)
+    with pytest.raises(BlockformerError, match="0 or more"):
+        convert_tiny(tiny_dirs["llama"], tmp_path / "c", embedder_layers=-1)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_alignment_counts_the_embedders_layers(tiny_dirs, local):
+    """The block decoder's output still corresponds to the teacher after layer 3 (layers 0-1, then 2)."""
+    assert teacher_align_layer(local.config, load_original(tiny_dirs["llama"])) == 3
+
+
+def test_cost_model_charges_the_local_layers(local):
+    """Moving layers from the block decoder into the embedder leaves the original's cost alone and makes the block
+    model's prefill dearer: each now runs on every token instead of once per block."""
+    c = local.config
+    moved = type(c).from_dict({**c.to_dict(), "embedder_layers": 0, "embedder_windows": None,
+                               "num_block_layers": c.num_block_layers + 2})
+    a = predict(c, 512, 64, 4, 4, 1e11, 1e10)
+    b = predict(moved, 512, 64, 4, 4, 1e11, 1e10)
+    assert a["original_s"] == pytest.approx(b["original_s"])
+    assert a["block_s"] > b["block_s"]
