@@ -26,7 +26,7 @@ from .errors import BlockformerError
 from .machine import cpu_name
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
-QUICK = {"prefill-heavy": (1024, 32), "decode-heavy": (128, 256)}
+QUICK = {"prefill-heavy": (512, 32), "decode-heavy": (128, 128)}
 DEFAULT_BATCH = {"prefill-heavy": 8, "decode-heavy": 16}
 DTYPES = ("float32", "bfloat16", "float16")
 # the original, three ways: Hugging Face generate with its dynamic cache, with its static cache, and our own decoder
