@@ -52,7 +52,7 @@ class BlockTransformerConfig(PretrainedConfig):
                  norm_offset=0.0, norm_placement="pre", shared_norm=False, qk_norm=None, attn_scale=None,
                  attn_softcap=None, final_softcap=None, embedding_scale=None, lm_head_bias=False,
                  rotary_interleaved=False, position_offset=0, block_windows=None, token_windows=None,
-                 local_rope=None, embedder_layers=0, embedder_windows=None, **kwargs):
+                 local_rope=None, embedder_layers=0, embedder_windows=None, embedder_sink=False, **kwargs):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -83,6 +83,7 @@ class BlockTransformerConfig(PretrainedConfig):
         self.local_rope = local_rope            # rope parameters of windowed layers when they differ (Gemma 3)
         self.embedder_layers = embedder_layers  # the original's lowest layers run inside each block by the embedder
         self.embedder_windows = embedder_windows  # their sliding windows (tokens), as for the two decoders
+        self.embedder_sink = embedder_sink      # a learned vector at local position 0, before the block's tokens
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
@@ -93,12 +94,15 @@ class Embedder(nn.Module):
     With `embedder_layers` k > 0 the original's k lowest layers run in between, at token level and causally inside
     the block only: each token leaves them with about the state the original gives it at layer k (the lowest layers
     read mostly nearby tokens), which is what the block decoder (the original's layers k..) was trained to read.
-    Stateless per block, so prefill, a decoding step and scoring call it alike (bench/local_embedder.py)."""
+    Stateless per block, so prefill, a decoding step and scoring call it alike (bench/local_embedder.py). With
+    `embedder_sink` a learned vector (init: BOS) opens every block's window, as BOS opens a text: the block's first
+    token is then an ordinary position rather than the window's attention sink, so its state can be mixed in."""
 
     def __init__(self, cfg: BlockTransformerConfig):
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.local = Stack(cfg, cfg.embedder_layers, cfg.embedder_windows) if cfg.embedder_layers else None
+        self.sink = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.embedder_layers and cfg.embedder_sink else None
         self.proj = nn.Linear(cfg.block_length * cfg.hidden_size, cfg.hidden_size)
         self.scale = cfg.embedding_scale
 
@@ -112,10 +116,13 @@ class Embedder(nn.Module):
     def contextualise(self, e, mask):  # (B, N, L_B, D) -> (B, N, L_B, D): the states entering layer k
         B, N, L, D = e.shape
         x, valid = e.flatten(0, 1), mask.flatten(0, 1)                         # (B*N, L_B, D): one row per block
+        if self.sink is not None:                                              # (B*N, 1 + L_B, D)
+            x = torch.cat([self.sink.to(x.dtype).expand(B * N, 1, D), x], 1)
+            valid = torch.cat([valid.new_ones(B * N, 1), valid], 1)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)                       # left pads: the first real token at 0
         if self.local.wpe is not None:
             x = x + self.local.wpe(pos)
-        return self.local.run(x, pos, causal_mask(valid)).view(B, N, L, D)
+        return self.local.run(x, pos, causal_mask(valid))[:, -L:].reshape(B, N, L, D)
 
 
 class BlockDecoder(Stack):

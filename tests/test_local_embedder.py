@@ -95,3 +95,51 @@ def test_cost_model_charges_the_local_layers(local):
     b = predict(moved, 512, 64, 4, 4, 1e11, 1e10)
     assert a["original_s"] == pytest.approx(b["original_s"])
     assert a["block_s"] > b["block_s"]
+
+
+def test_scorer_shared_context_path_equals_the_plain_path_with_local_layers(tiny_dirs, tmp_path, monkeypatch):
+    """Multiple-choice scoring runs each context once through the tree mask; with the embedder's local layers it
+    must still score what one plain forward per choice does."""
+    import random
+    from blockformer.eval.scoring import Scorer
+    from tiny import tiny_tokenizer
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4, block_layers=3,
+                                           embedder_layers=2))
+    rng = random.Random(3)
+    words = lambda k: " ".join(f"w{rng.randrange(4, 90)}" for _ in range(k))  # noqa: E731
+    items = [[(ctx, " " + words(rng.randint(1, 9))) for _ in range(n)]
+             for ctx, n in ((words(rng.randint(9, 40)), rng.choice([2, 4])) for _ in range(9))]
+    scorer, calls = Scorer(model, tiny_tokenizer(), batch_tokens=400), []
+    shared = scorer._score_shared
+    monkeypatch.setattr(scorer, "_score_shared", lambda its: calls.append(len(its)) or shared(its))
+    got = [r for item in scorer.loglikelihood_choices(items) for r in item]
+    assert sum(calls) >= len(items) - 2
+    want = Scorer(model, tiny_tokenizer(), batch_tokens=96).loglikelihood([p for it in items for p in it])
+    assert_close(torch.tensor([r[0] for r in got]), torch.tensor([r[0] for r in want]), rtol=1e-5, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_sink_opens_each_block_as_bos_opens_a_text(tiny_dirs, family, tmp_path):
+    """--embedder-sink: the block's states are the original's at positions 1.. of [BOS (or token 0), the block]."""
+    model = convert_tiny(tiny_dirs[family], tmp_path / "s", block_length=4, block_layers=3, embedder_layers=2,
+                         embedder_sink=True)
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+    x = ids(T=4)
+    e = scaled_lookup(model.embedder.embed, x[:, None], model.embedder.scale)
+    got = model.embedder.contextualise(e, torch.ones(1, 1, 4, dtype=torch.bool))[:, 0]
+    text = torch.cat([torch.tensor([[bos]]), x], 1)
+    want = load_original(tiny_dirs[family])(text, output_hidden_states=True).hidden_states[2][:, 1:]
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    perturb_new_parts(model)
+    assert_causal(model, ids(T=14), (0, 2, 5, 8, 12))
+    x = ids(T=10)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 10)], 1).long()
+    assert_close(model(padded, attention_mask=mask).logits[0, 3:], model(x).logits[0], rtol=1e-5, atol=1e-5)
+    prompt = ids(T=6, seed=6)
+    assert torch.equal(model.generate(prompt, max_new_tokens=9, eos_token_id=None), argmax_reference(model, prompt, 9))
+
+
+def test_a_sink_needs_local_layers(tiny_dirs, tmp_path):
+    with pytest.raises(BlockformerError, match="needs --embedder-layers"):
+        convert_tiny(tiny_dirs["llama"], tmp_path / "s", embedder_sink=True)

@@ -48,6 +48,7 @@ class ConvertConfig:
     calib_tokens: int = 65536        # --init contextual: calibration tokens
     embedder_mix: float = 0.0        # --init contextual: weight of the block's other tokens in the embedder (last: 1)
     embedder_layers: int = 0         # the original's lowest layers, run inside each block by the embedder
+    embedder_sink: bool = False      # --embedder-layers: a learned vector (init: BOS) opens each block's window
 
 
 def layer_count(n: int, block_layers: float | None) -> int | None:
@@ -101,6 +102,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise BlockformerError(f"--embedder-mix must be between 0 and 1, got {cfg.embedder_mix}")
     if cfg.embedder_layers < 0:
         raise BlockformerError(f"--embedder-layers must be 0 or more, got {cfg.embedder_layers}")
+    if cfg.embedder_sink and not cfg.embedder_layers:
+        raise BlockformerError("--embedder-sink opens the embedder's local layers; it needs --embedder-layers 1 or more")
     check_out(Path(cfg.out), cfg.overwrite)
 
 
@@ -200,6 +203,7 @@ def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_s
     return BlockTransformerConfig(
         vocab_size=hf_cfg.vocab_size, block_length=cfg.block_length, prefix_length=cfg.prefix_length,
         num_block_layers=len(block_src), num_token_layers=len(token_src), embedder_layers=len(local_src),
+        embedder_sink=cfg.embedder_sink,
         base_config=base,
         tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
         bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
@@ -227,6 +231,9 @@ def build_block_model(original, fam: Family, config, arch, block_src, token_src,
         ours["block_decoder.wpe.weight"] = ours["token_decoder.wpe.weight"] = take(fam.wpe)
         if local_src:
             ours["embedder.local.wpe.weight"] = sd[fam.wpe]
+    if config.embedder_sink:  # what opens a text in training: BOS where the family has one, else token 0
+        bos = config.bos_token_id if config.bos_token_id is not None else 0
+        ours["embedder.sink"] = sd[fam.embed][bos] * (config.embedding_scale or 1.0)
     for part, indices in (("embedder.local", local_src), ("block_decoder", block_src), ("token_decoder", token_src)):
         for i, src_idx in enumerate(indices):
             ours.update(map_layer(fam, sd, src_idx, f"{part}.layers.{i}", arch, used))
