@@ -143,3 +143,14 @@ def test_a_sink_opens_each_block_as_bos_opens_a_text(tiny_dirs, family, tmp_path
 def test_a_sink_needs_local_layers(tiny_dirs, tmp_path):
     with pytest.raises(BlockformerError, match="needs --embedder-layers"):
         convert_tiny(tiny_dirs["llama"], tmp_path / "s", embedder_sink=True)
+
+
+def test_lora_adapts_the_local_layers_and_trains_the_sink(tiny_dirs, tmp_path):
+    from types import SimpleNamespace
+    from blockformer.uptrain.train import prepare_trainable
+    model = convert_tiny(tiny_dirs["llama"], tmp_path / "s", block_layers=3, embedder_layers=2, embedder_sink=True)
+    peft = prepare_trainable(model, SimpleNamespace(lora_rank=2, lora_alpha=4, freeze=[]))
+    trained = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert any("embedder.local.layers.1.attn.q" in n and "lora_A" in n for n in trained)
+    assert any(n.endswith("embedder.sink") for n in trained)
+    assert not any("embedder.local.layers.0.attn.q.base_layer" in n for n in trained)

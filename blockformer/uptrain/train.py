@@ -116,7 +116,7 @@ def prepare_trainable(model, cfg: UptrainConfig):
                           target_modules=r".*(decoder|embedder\.local)\.layers\.\d+\.(attn\.[qkvo]|mlp\.(gate|up|down))")
         model = get_peft_model(model, lcfg)
         for name, p in model.named_parameters():
-            if "embedder.proj" in name or "token_decoder.expand" in name:
+            if any(part in name for part in ("embedder.proj", "embedder.sink", "token_decoder.expand")):
                 p.requires_grad_(True)  # the new parts have no pretrained value: train them fully
     for part in cfg.freeze:
         hit = [p for name, p in model.named_parameters() if f"{part}." in name]
