@@ -19,7 +19,6 @@ mean NLL per token and per position in the block on WikiText-2 test text (first-
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from window_oracle import stretch_block_positions, trained_setup  # noqa: E402
+from window_oracle import nll_entry, stretch_block_positions, trained_setup, write_result  # noqa: E402
 from blockformer.layers import causal_mask  # noqa: E402
 from blockformer.machine import cpu_name  # noqa: E402
 
@@ -120,14 +119,12 @@ def main(source, model_dir, ks, windows, sinks, tokens, rows, block_rope_stride,
     print(f"{'variant':<20} {'mean NLL':>9}   per position in the block")
     for name, fn in variants.items():
         tot, n = block_nll(model, test, fn)
-        out[name] = {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
+        out[name] = nll_entry(tot, n)
         print(f"{name:<20} {out[name]['nll']:>9.3f}   {out[name]['per_position']}", flush=True)
     res = {"cpu": cpu_name(), "model": str(model_dir), "split_layer": split, "block_length": L,
            "block_rope_stride": block_rope_stride, "tokens": int(test.numel()), "variants": out,
            "seconds": round(time.perf_counter() - t0, 1)}
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res))
+    write_result(res, json_out)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def wikitext_rows(tok, tokens: int, rows: int) -> torch.Tensor:
     return torch.tensor(ids[: len(ids) // rows * rows]).view(-1, rows)
 
 
+def nll_entry(tot: torch.Tensor, n: torch.Tensor) -> dict:
+    """Mean NLL per token and per position in the block, from summed NLLs and counts per position."""
+    return {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
+
+
+def write_result(res: dict, json_out: Path) -> None:
+    """The JSON file, then the same object as the last stdout line."""
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res))
+
+
 def stretch_block_positions(model, stride: int) -> None:
     """Probe only (not a model option): the block decoder's rotary positions times `stride`. With the contextual
     init the block decoder reads each block's last token, which sat L_B positions after the previous one in the
@@ -140,15 +152,13 @@ def main(source, tokens, rows, calib_tokens, calib_data, block_layers, block_len
     print(f"{'variant':<12} {'mean NLL':>9}   per position in the block")
     for v in VARIANTS:
         tot, n = block_nll(model, original, split, test, v)
-        out[v] = {"nll": round((tot.sum() / n.sum()).item(), 4), "per_position": [round(x, 4) for x in (tot / n).tolist()]}
+        out[v] = nll_entry(tot, n)
         print(f"{v:<12} {out[v]['nll']:>9.3f}   {out[v]['per_position']}", flush=True)
     res = {"cpu": cpu_name(), "source": source, "model": str(model_dir) if model_dir else None, "split_layer": split,
            "block_length": model.config.block_length, "block_rope_stride": block_rope_stride,
            "tokens": int(test.numel()), "calib_tokens": None if model_dir else calib_tokens, "variants": out,
            "seconds": round(time.perf_counter() - t0, 1)}
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res))
+    write_result(res, json_out)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,33 @@ def test_lora_adapts_the_local_layers_and_trains_the_sink(tiny_dirs, tmp_path):
     assert any("embedder.local.layers.1.attn.q" in n and "lora_A" in n for n in trained)
     assert any(n.endswith("embedder.sink") for n in trained)
     assert not any("embedder.local.layers.0.attn.q.base_layer" in n for n in trained)
+
+
+def test_the_probe_predicts_the_model_it_stands_for(tiny_dirs, tmp_path):
+    """bench/local_embedder.py's "local 2/4 sink none" on a plain conversion is the loss of the conversion with
+    --embedder-layers 2 whose projection passes the block's last state (the contextual init with mix 0)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    from click.testing import CliRunner
+    path = Path(__file__).resolve().parents[1] / "bench" / "local_embedder.py"
+    spec = importlib.util.spec_from_file_location("local_embedder", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    convert_tiny(tiny_dirs["llama"], tmp_path / "plain", block_length=4, block_layers=3)
+    local = convert_tiny(tiny_dirs["llama"], tmp_path / "local", block_length=4, block_layers=3, embedder_layers=2)
+    with torch.no_grad():  # the projection passes the last token's state, as --init contextual with mix 0 sets it
+        D = local.config.hidden_size
+        local.embedder.proj.weight.copy_(torch.cat([torch.zeros(D, 3 * D), torch.eye(D)], 1))
+        local.embedder.proj.bias.zero_()
+    local.save_pretrained(tmp_path / "local")
+    res = {}
+    for name, extra in (("plain", ["--k", "2", "--window", "4", "--sink", "none"]), ("local", ["--k", "1"])):
+        r = CliRunner().invoke(probe.main, ["--source", str(tiny_dirs["llama"]), "--model", str(tmp_path / name),
+                                            "--tokens", "256", "--rows", "64", "--json-out", str(tmp_path / "o.json"),
+                                            *extra])
+        assert r.exit_code == 0, r.output
+        res[name] = json.loads((tmp_path / "o.json").read_text())["variants"]
+    want = res["local"]["model"]["per_position"]
+    assert res["plain"]["local 2/4 sink none"]["per_position"] == pytest.approx(want, abs=1e-4)
+    assert res["plain"]["model"]["per_position"] != pytest.approx(want, abs=1e-3)
