@@ -74,8 +74,8 @@ def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float,
     decode_bandwidth = decode_bandwidth or bandwidth
     c, L, p = cfg_block, cfg_block.block_length, cfg_block.prefix_length
     head, emb = c.hidden_size * c.vocab_size, L * c.hidden_size * c.hidden_size
-    k = getattr(c, "embedder_layers", 0)  # the original's lowest layers, run by the embedder inside each block
-    w = L + bool(getattr(c, "embedder_sink", False))  # ... over the block's tokens (and the sink)
+    k = c.embedder_layers                 # the original's lowest layers, run by the embedder inside each block
+    w = L + c.embedder_sink               # ... over the block's tokens (and the sink); 0 layers cost nothing
     orig = layer_shape(c, k + c.num_block_layers + c.num_token_layers, bytes_el)
     bd, td, loc = (layer_shape(c, n, bytes_el) for n in (c.num_block_layers, c.num_token_layers, k))
 
@@ -87,9 +87,9 @@ def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float,
     vanilla = t(orig, P, P / 2, head, step=False) + G * t(orig, 1, P + G / 2, head)  # head on the last position
     nb = P / L
     block = t(bd, round(nb), nb / 2, emb, round(nb), step=False)            # block-level prefill only
-    block += t(loc, w, w / 2, 0, step=False, batch=B * round(nb)) if k else 0  # every block's local layers
+    block += t(loc, w, w / 2, 0, step=False, batch=B * round(nb))          # every block's local layers
     per_block = (t(bd, 1, nb + G / (2 * L), emb)                            # one block-decoder step
-                 + (t(loc, w, w / 2, 0) if k else 0)                        # the finished block's local layers
+                 + t(loc, w, w / 2, 0)                                      # the finished block's local layers
                  + t(td, p, p / 2, head)                                    # prefix -> first token
                  + (L - 1) * t(td, 1, p + L / 2, head))                     # the block's other tokens
     block += per_block * G / L

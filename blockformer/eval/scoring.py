@@ -103,7 +103,7 @@ class Scorer:
         (the token decoder's work is the same on both paths); the margin pays for padding and the tree mask."""
         c = self.model.config
         L, w, nt = c.block_length, c.prefix_length + c.block_length - 1, c.num_token_layers
-        nb = c.num_block_layers + getattr(c, "embedder_layers", 0) * L  # the embedder's layers run on every token
+        nb = c.num_block_layers + c.embedder_layers * L  # the embedder's layers run on every token
         blocks = lambda t: -(-t // L)  # noqa: E731
         Nc, K = blocks(len(e[0][0])), max(blocks(len(x)) for _, x in e)
         shared = nb * (Nc + len(e) * (K - 1)) + sum(nt * blocks(len(x)) * w for _, x in e)
