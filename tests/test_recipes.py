@@ -166,7 +166,7 @@ def meta_conversion(recipe, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from blockformer.convert import ConvertConfig
     from blockformer.convert.convert import (DTYPES, block_config, build_block_model, check_window_fits,
-                                             max_positions, plan_layers, validate)
+                                             max_positions, plan_parts, validate)
     from blockformer.families import family_for
     from blockformer.sources import Source
     spec = dict(SOURCES[recipe.source])
@@ -175,12 +175,13 @@ def meta_conversion(recipe, tmp_path):
     validate(cc)
     fam = family_for(hf.model_type)
     arch = fam.arch(hf)
-    block_src, token_src = plan_layers(hf.num_hidden_layers, cc.layer_map, cc.block_layers)
+    local_src, block_src, token_src = plan_parts(cc, hf.num_hidden_layers)
     check_window_fits(cc, max_positions(hf, arch))
     with torch.device("meta"):
         original = AutoModelForCausalLM.from_config(hf, dtype=DTYPES[cc.dtype] or torch.float32)
-        config = block_config(cc, hf, arch, Source(recipe.source, recipe.source, None, "hub"), block_src, token_src)
-        model = build_block_model(original, fam, config, arch, block_src, token_src)
+        config = block_config(cc, hf, arch, Source(recipe.source, recipe.source, None, "hub"), block_src, token_src,
+                              local_src)
+        model = build_block_model(original, fam, config, arch, block_src, token_src, local_src)
     return original, model
 
 
@@ -192,7 +193,7 @@ def test_shipped_recipe_dry_run_on_meta(name, tmp_path):
     r = load_recipe(name)
     original, model = meta_conversion(r, tmp_path)
     c, u, L = model.config, r.uptrain, r.convert["block_length"]
-    assert c.num_block_layers + c.num_token_layers == original.config.num_hidden_layers
+    assert c.embedder_layers + c.num_block_layers + c.num_token_layers == original.config.num_hidden_layers
     assert c.block_length == L and c.vocab_size == original.config.vocab_size
     B, T = u["batch_size"], math.ceil(u["seq_len"] / L) * L
     ids = torch.zeros(B, T, dtype=torch.long, device="meta")

@@ -85,6 +85,12 @@ def split_embedder_layers(block_src: list[int], k: int) -> tuple[list[int], list
     return block_src[:k], block_src[k:]
 
 
+def plan_parts(cfg: ConvertConfig, n: int) -> tuple[list[int], list[int], list[int]]:
+    """Original layer indices for the embedder's local layers, the block decoder and the token decoder."""
+    block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
+    return (*split_embedder_layers(block_src, cfg.embedder_layers), token_src)
+
+
 def validate(cfg: ConvertConfig) -> None:
     if cfg.block_length < 1:
         raise BlockformerError(f"--block-length must be at least 1, got {cfg.block_length}")
@@ -117,8 +123,7 @@ def convert(cfg: ConvertConfig) -> dict:
     fam = family_for(hf_cfg.model_type)
     arch = fam.arch(hf_cfg)
     n = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
-    block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
-    local_src, block_src = split_embedder_layers(block_src, cfg.embedder_layers)
+    local_src, block_src, token_src = plan_parts(cfg, n)
     check_window_fits(cfg, max_positions(hf_cfg, arch))
     ensure_writable(Path(cfg.out))  # a read-only or full disk fails now, not after loading the model
     calib = read_calibration(cfg.calib_data) if cfg.init == "contextual" else None

@@ -30,9 +30,10 @@ RECIPE_DEFAULTS = {
     # 64 prompts at a time write twice as fast as 16 on a 2-core Zen 3, where the recipe must still fit in 30 min
     "synth": {"tokens": 32768, "batch_size": 64},
     # 24 of SmolLM2's 30 layers in the block decoder: LAMBADA above 0 and faster decoding (docs/recovery.md, "Where to split")
-    # the block's other tokens at weight 0.3 in the embedder: lower perplexities at 16k and 64k (docs/recovery.md)
+    # the block's other tokens at weight 0.3 in the embedder: lower perplexities at 16k and 64k (docs/recovery.md);
+    # the original's layers 0-1 run inside each block after a learned sink: lower perplexities at 32k and 64k
     "convert": {"dtype": "float32", "init": "contextual", "calib_tokens": 32768, "block_layers": 0.8,
-                "embedder_mix": 0.3},
+                "embedder_mix": 0.3, "embedder_layers": 2, "embedder_sink": True},
     # pure distillation on teacher-written text: lower WikiText-2 and LAMBADA perplexity at 16k and 64k tokens;
     # batch 4 kept: one row per step lowers perplexities but not LAMBADA accuracy at 32k (docs/recovery.md)
     "uptrain": {"data": SYNTH_DATA, "teacher": "source", "kd_weight": 1.0, "max_tokens": 32768, "seq_len": 256,
