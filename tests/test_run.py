@@ -75,6 +75,8 @@ def test_pipeline_writes_every_stage_and_the_report(finished):
     assert f"{100 * piqa:.2f}" in md and "| piqa | acc |" in md
     assert f"{saved['bench']['points'][0]['block']['tokens_per_s']:.1f}" in md
     assert md.count("![") == 3
+    # the recipe's layout on the tiny 4-layer model: 2 layers in the embedder, 1 in each decoder
+    assert "block length 4, 2 (embedder) + 1+1 layers" in md
     for block in md.split("\n\n"):
         if block.startswith("|"):
             assert len({line.count("|") for line in block.splitlines()}) == 1, block  # every row as wide as its head

@@ -53,9 +53,11 @@ def slim(results: dict) -> dict:
 
 def document(r: dict, figs: Path) -> list[tuple]:
     c = r["convert"]
+    local = len(c.get("embedder_layers_from", []))  # the original's layers the embedder runs inside each block
+    layers = (f"{local} (embedder) + " if local else "") + f"{len(c['block_layers_from'])}+{len(c['token_layers_from'])}"
     doc = [("h1", f"blockformer report: {c['source']} as a Block Transformer"),
            ("p", f"Recipe `{r['recipe'].get('path')}`; block length {c['block_length']}, "
-                 f"{len(c['block_layers_from'])}+{len(c['token_layers_from'])} layers; stages took "
+                 f"{layers} layers; stages took "
                  f"{sum(r['stage_seconds'].values()):.0f} s in all"
                  + (f" ({', '.join(r['reused_stages'])} reused from an earlier run)." if r["reused_stages"] else "."))]
     doc += conversion(c)
