@@ -19,7 +19,7 @@ from blockformer import datafiles, sources
 from blockformer.convert import ConvertConfig
 from blockformer.convert.contextual import (apply_contextual, calibration_rows, contextual_table, read_calibration,
                                             split_stats)
-from blockformer.convert.convert import block_config, build_block_model, plan_parts
+from blockformer.convert.convert import assemble, plan_parts
 from blockformer.families import family_for
 from blockformer.io import read_text
 from blockformer.machine import cpu_name
@@ -39,9 +39,7 @@ def converted(src, original, cfg: ConvertConfig):
     hf = original.config
     fam = family_for(hf.model_type)
     arch = fam.arch(hf)
-    local_src, block_src, token_src = plan_parts(cfg, hf.num_hidden_layers)
-    config = block_config(cfg, hf, arch, src, block_src, token_src, local_src)
-    return build_block_model(original, fam, config, arch, block_src, token_src, local_src).eval(), fam
+    return assemble(cfg, hf, arch, src, original, fam, plan_parts(cfg, hf.num_hidden_layers)).eval(), fam
 
 
 def ladder(model, stats) -> list[tuple[str, callable]]:

@@ -165,8 +165,7 @@ def meta_conversion(recipe, tmp_path):
     """The conversion's config and weight mapping at the source's real shapes, with every tensor on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from blockformer.convert import ConvertConfig
-    from blockformer.convert.convert import (DTYPES, block_config, build_block_model, check_window_fits,
-                                             max_positions, plan_parts, validate)
+    from blockformer.convert.convert import DTYPES, assemble, check_window_fits, max_positions, plan_parts, validate
     from blockformer.families import family_for
     from blockformer.sources import Source
     spec = dict(SOURCES[recipe.source])
@@ -175,13 +174,11 @@ def meta_conversion(recipe, tmp_path):
     validate(cc)
     fam = family_for(hf.model_type)
     arch = fam.arch(hf)
-    local_src, block_src, token_src = plan_parts(cc, hf.num_hidden_layers)
+    parts = plan_parts(cc, hf.num_hidden_layers)
     check_window_fits(cc, max_positions(hf, arch))
     with torch.device("meta"):
         original = AutoModelForCausalLM.from_config(hf, dtype=DTYPES[cc.dtype] or torch.float32)
-        config = block_config(cc, hf, arch, Source(recipe.source, recipe.source, None, "hub"), block_src, token_src,
-                              local_src)
-        model = build_block_model(original, fam, config, arch, block_src, token_src, local_src)
+        model = assemble(cc, hf, arch, Source(recipe.source, recipe.source, None, "hub"), original, fam, parts)
     return original, model
 
 

@@ -91,6 +91,14 @@ def plan_parts(cfg: ConvertConfig, n: int) -> tuple[list[int], list[int], list[i
     return (*split_embedder_layers(block_src, cfg.embedder_layers), token_src)
 
 
+def assemble(cfg: ConvertConfig, hf_cfg, arch: dict, src, original, fam: Family,
+             parts: tuple[list[int], list[int], list[int]]) -> BlockTransformerForCausalLM:
+    """The Block Transformer's config and weights from the original, for the layers `plan_parts` chose."""
+    local_src, block_src, token_src = parts
+    config = block_config(cfg, hf_cfg, arch, src, block_src, token_src, local_src)
+    return build_block_model(original, fam, config, arch, block_src, token_src, local_src)
+
+
 def validate(cfg: ConvertConfig) -> None:
     if cfg.block_length < 1:
         raise BlockformerError(f"--block-length must be at least 1, got {cfg.block_length}")
@@ -123,14 +131,13 @@ def convert(cfg: ConvertConfig) -> dict:
     fam = family_for(hf_cfg.model_type)
     arch = fam.arch(hf_cfg)
     n = getattr(hf_cfg, "num_hidden_layers", None) or hf_cfg.n_layer
-    local_src, block_src, token_src = plan_parts(cfg, n)
+    parts = plan_parts(cfg, n)
     check_window_fits(cfg, max_positions(hf_cfg, arch))
     ensure_writable(Path(cfg.out))  # a read-only or full disk fails now, not after loading the model
     calib = read_calibration(cfg.calib_data) if cfg.init == "contextual" else None
     tokenizer = optional_tokenizer(src, needed=cfg.init == "contextual")
     original = sources.load_model(src, DTYPES[cfg.dtype])
-    config = block_config(cfg, hf_cfg, arch, src, block_src, token_src, local_src)
-    model = build_block_model(original, fam, config, arch, block_src, token_src, local_src)
+    model = assemble(cfg, hf_cfg, arch, src, original, fam, parts)
     init = {"init": "paper"}
     if cfg.init == "contextual":
         init = contextual_init(model, original, fam, tokenizer, cfg.calib_data, calib, cfg.calib_tokens,
