@@ -100,6 +100,28 @@ def test_cost_model_prefers_the_block_model_at_long_prompts(pair):
     assert long > short and long > 1
 
 
+@pytest.mark.parametrize("k, rates, want", [
+    # D 2, I 4, one head of 2, gated MLP: 40 parameters a layer; head 2 x 10, embedder projection 2 x 2 x 2; 1 byte
+    # compute-bound (time = FLOPs): original 808 prefill + 2 x 280 decoding steps; block 208 prefill + one block of
+    # 116 (block step) + 124 (prefix -> first token) + 136 (second token)
+    (0, (1.0, 1e30, None), (808 + 2 * 280, 208 + 116 + 124 + 136)),
+    # with 1 local layer and a sink: 3 original layers; the embedder's layer on 3 positions: 552 for the prompt's two
+    # blocks, 276 per finished block
+    (1, (1.0, 1e30, None), (1192 + 2 * 400, 208 + 552 + 116 + 276 + 124 + 136)),
+    # bandwidth-bound (time = bytes / rate; decoding steps at the skinny rate 0.5): weights 40 a layer + KV 4 a
+    # position + the extra matrix
+    (0, (1e30, 1.0, 0.5), (148 + 2 * 148 / 0.5, 60 + (62 + 66 + 72) / 0.5)),
+])
+def test_cost_model_matches_a_hand_computation(k, rates, want):
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(hidden_size=2, intermediate_size=4, num_attention_heads=1, num_key_value_heads=1,
+                          head_dim=2, vocab_size=10, block_length=2, prefix_length=1, num_block_layers=1,
+                          num_token_layers=1, embedder_layers=k, embedder_sink=bool(k))
+    got = costs.predict(cfg, 4, 2, 1, 1, *rates)
+    assert (got["original_s"], got["block_s"]) == pytest.approx(want, rel=1e-12)
+    assert got["speedup"] == pytest.approx(want[0] / want[1], rel=1e-12)
+
+
 def test_slower_decoding_steps_lower_the_predicted_decode_heavy_time_share(pair):
     """Skinny decoding products stream weights slower than a copy: with a lower decode bandwidth every decoding
     phase costs more, the prompt's prefill does not, and the default is the copy bandwidth."""

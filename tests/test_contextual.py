@@ -11,7 +11,7 @@ from blockformer.cli import main
 from blockformer.convert import ConvertConfig, convert
 from blockformer.convert.contextual import calibration_rows
 from blockformer.errors import BlockformerError
-from tiny import FAMILIES, VOCAB, load_block, load_original, tiny_tokenizer
+from tiny import FAMILIES, VOCAB, load_block, load_original, split_states, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,9 @@ def test_every_new_part_matches_a_hand_computation(tiny_dirs, notes, tmp_path):
     s = contextual(src, tmp_path / "ctx", notes)
     orig, blk = load_original(src), load_block(tmp_path / "ctx")
     split = blk.config.num_block_layers
-    rows = calibration_rows(tiny_tokenizer(), str(notes), 512, 256)
-    with torch.no_grad():
-        h = torch.cat([orig(input_ids=r[None], output_hidden_states=True).hidden_states[split] for r in rows])
-    ids, flat = rows.flatten(), h.flatten(0, 1).double()
+    rows, h, seen, mean = split_states(orig, blk, notes)
+    ids = rows.flatten()
     E = orig.get_input_embeddings().weight.double()
-    seen = torch.bincount(ids, minlength=VOCAB) > 0
-    mean = torch.stack([flat[ids == v].mean(0) for v in range(VOCAB) if seen[v]])
     table = blk.token_decoder.embed.weight.double()
     torch.testing.assert_close(table[seen], mean, rtol=1e-4, atol=1e-4)
     w = torch.bincount(ids, minlength=VOCAB)[seen].clamp(max=50).double().sqrt()[:, None]
@@ -65,8 +61,16 @@ def test_every_new_part_matches_a_hand_computation(tiny_dirs, notes, tmp_path):
 # that encodes this text to nothing; the conversion itself is family-generic (layers are found by the adapter table)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2"])
 def test_contextual_models_stay_causal(tiny_dirs, notes, tmp_path, family):
+    """Every family: the table holds the mean state entering the split layer (found through the adapter table), the
+    prefix's slot 0 the mean state at position 0, and the model stays causal."""
     contextual(tiny_dirs[family], tmp_path / "ctx", notes)
     blk = load_block(tmp_path / "ctx")
+    _, h, seen, mean = split_states(load_original(tiny_dirs[family]), blk, notes)
+    scale = blk.config.embedding_scale or 1.0  # the token decoder's lookup multiplies by it
+    torch.testing.assert_close(blk.token_decoder.embed.weight[seen].double() * scale, mean, rtol=1e-4, atol=1e-4)
+    D = h.shape[-1]
+    torch.testing.assert_close(blk.token_decoder.expand.bias[:D].double(), h[:, 0].double().mean(0), rtol=1e-4,
+                               atol=1e-4)
     x = torch.randint(4, VOCAB, (1, 23))
     y = x.clone()
     y[0, 13:] = torch.randint(4, VOCAB, (10,))
@@ -128,11 +132,8 @@ def test_contextual_lookups_are_the_mean_states_for_a_family_that_scales_embeddi
     contextual(src, tmp_path / "ctx", notes)
     orig, blk = load_original(src), load_block(tmp_path / "ctx")
     assert blk.config.embedding_scale and blk.config.embedding_scale != 1
-    rows = calibration_rows(tiny_tokenizer(), str(notes), 512, 256)
+    rows, _, seen, mean = split_states(orig, blk, notes)
+    v = int(rows.flatten()[5])
     with torch.no_grad():
-        h = torch.cat([orig(input_ids=r[None], output_hidden_states=True).hidden_states[blk.config.num_block_layers]
-                       for r in rows])
-        ids, flat = rows.flatten(), h.flatten(0, 1)
-        v = int(ids[5])
         looked_up = blk.token_decoder.embed_tokens(torch.tensor([[v]]), blk.config.prefix_length)[0, 0]
-    torch.testing.assert_close(looked_up, flat[ids == v].mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(looked_up.double(), mean[int(seen[:v].sum())], rtol=1e-4, atol=1e-4)

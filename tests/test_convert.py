@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,11 +118,15 @@ def test_failed_write_leaves_nothing_and_keeps_old_output(tiny_dirs, tmp_path, m
     (out / "keep.txt").write_text("user data")
     import transformers
 
-    def boom(*a, **k):
+    written = []
+
+    def boom(self, folder, *a, **k):  # the tokenizer is saved after the weights: the failure is mid-write
+        written.extend(p.name for p in Path(folder).iterdir())
         raise RuntimeError("disk full")
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk full"):
         convert(ConvertConfig(str(tiny_dirs["llama"]), out, overwrite=True))
+    assert "model.safetensors" in written
     assert (out / "keep.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 

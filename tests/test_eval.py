@@ -163,16 +163,31 @@ def test_every_task_exports_to_lm_eval_and_agrees(tiny_dirs, data, tmp_path):
                 assert math.isclose(s["loglikelihood"], resp[0], abs_tol=1e-4), task
 
 
-def test_lm_eval_runs_the_registered_blockformer_model(block_dir, data, tmp_path):
+@pytest.mark.parametrize("anchor", ["context", "first"])
+def test_lm_eval_runs_the_registered_blockformer_model(block_dir, data, tmp_path, anchor):
+    """`lm_eval --model blockformer` scores every request as our Scorer does: per choice log-likelihood and
+    greediness, under both anchorings (they differ: test_first_anchor_scores_the_papers_alignment)."""
     lm_eval = pytest.importorskip("lm_eval")
     import blockformer.eval.lm_eval_plugin  # noqa: F401 - what the .pth hook does for the lm_eval CLI
     from lm_eval.tasks import TaskManager
     from blockformer.eval.lm_eval_tasks import export
-    names = export(["piqa"], data, tmp_path)
-    r = lm_eval.simple_evaluate(model="blockformer", model_args=f"pretrained={block_dir}", tasks=names,
-                                task_manager=TaskManager(include_path=str(tmp_path)), bootstrap_iters=0)
-    ours = evaluate(EvalConfig(str(block_dir), tasks=("piqa",), data_dir=data))
-    assert r["results"][names[0]]["acc,none"] == pytest.approx(ours["tasks"]["piqa"]["metrics"]["model"]["acc"])
+    tasks = ["piqa", "lambada_openai"]
+    names = export(tasks, data, tmp_path, limit=8, seed=7)
+    r = lm_eval.simple_evaluate(model="blockformer", model_args=f"pretrained={block_dir},anchor={anchor}",
+                                tasks=names, task_manager=TaskManager(include_path=str(tmp_path)),
+                                log_samples=True, bootstrap_iters=0)
+    scorer = Scorer(load_block(block_dir), tiny_tokenizer(), anchor=anchor)
+    for task, name in zip(tasks, names):
+        docs, _ = load_docs(get_task(task), data, limit=8, seed=7)
+        _, samples, _ = score_task(scorer, get_task(task), docs, "t")
+        their = sorted(r["samples"][name], key=lambda s: s["doc_id"])
+        ours = [[(c["loglikelihood"], c["is_greedy"]) for c in s["choices"]] if "choices" in s
+                else [(s["loglikelihood"], s["correct"])] for s in samples]
+        assert len(ours) == len(their) == 8, task
+        for o, t in zip(ours, their):
+            assert [g for _, g in o] == [x[1] for x in t["filtered_resps"]], task
+            torch.testing.assert_close(torch.tensor([x for x, _ in o]),
+                                       torch.tensor([x[0] for x in t["filtered_resps"]]), atol=1e-4, rtol=0)
 
 
 def test_cli_side_by_side(tiny_dirs, block_dir, data, tmp_path):

@@ -130,8 +130,18 @@ def test_a_source_tensor_no_rule_consumes_stops_the_conversion(tiny_dirs, tmp_pa
     assert r.exit_code == 1 and errors == [f"error: {e.value}"] and "Traceback" not in r.output
 
 
-def test_layers_the_skip_map_leaves_out_are_not_unused(tiny_dirs, tmp_path):
-    convert(ConvertConfig(str(tiny_dirs["qwen2"]), tmp_path / "b", layer_map="skip"))  # layers 1 and 3: on purpose
+def test_layers_the_skip_map_leaves_out_are_not_unused(tiny_dirs, tmp_path, monkeypatch):
+    """The skip map leaves layers 1 and 3 out on purpose: no 'unused tensor' stop for them, the kept layers 0 and 2
+    are copied into both decoders, and the check still stops a kept layer's tensor that no rule consumes."""
+    from safetensors.torch import load_file
+    convert(ConvertConfig(str(tiny_dirs["qwen2"]), tmp_path / "b", layer_map="skip"))
+    ours, theirs = load_file(tmp_path / "b" / "model.safetensors"), load_file(tiny_dirs["qwen2"] / "model.safetensors")
+    for part in ("block_decoder", "token_decoder"):  # each decoder gets layers 0 and 2
+        for j, i in enumerate((0, 2)):
+            assert torch.equal(ours[f"{part}.layers.{j}.mlp.up.weight"], theirs[f"model.layers.{i}.mlp.up_proj.weight"])
+    without_rules(monkeypatch, "qwen2", {"attn.k.bias"})
+    with pytest.raises(BlockformerError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.bias"):
+        convert(ConvertConfig(str(tiny_dirs["qwen2"]), tmp_path / "c", layer_map="skip"))
 
 
 def test_a_forgotten_final_norm_bias_or_head_bias_is_named(originals, tmp_path, monkeypatch):
@@ -274,8 +284,11 @@ def test_contextual_init_runs_and_stays_causal(originals, name, tmp_path):
     notes.write_text("\n".join(" ".join(f"w{(7 * i + j) % 56}" for j in range(12)) for i in range(100)))
     convert(ConvertConfig(str(originals[name]), tmp_path / "b", init="contextual", calib_data=str(notes),
                           calib_tokens=512))
-    from tiny import load_block
+    from tiny import load_block, load_original, split_states
     model = load_block(tmp_path / "b")
+    _, _, seen, mean = split_states(load_original(originals[name]), model, notes)  # the split layer's mean states
+    scale = model.config.embedding_scale or 1.0
+    assert_close(model.token_decoder.embed.weight[seen].double() * scale, mean, rtol=1e-4, atol=1e-4)
     x = tokens(B=1, T=23)
     y = x.clone()
     y[0, 13:] = (y[0, 13:] + 5) % (VOCAB - 3) + 3
@@ -295,9 +308,14 @@ def test_distillation_and_alignment_run_for_the_new_families(name, corpus, tmp_p
     (build_original_a(name) if ":" not in name and name in ("gemma2", "olmo2") else build_original_b(name)).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     block = convert_tiny(src, tmp_path / "b")
-    s = uptrain(UptrainConfig(str(tmp_path / "b"), str(corpus), tmp_path / "run", teacher=str(src), seq_len=32,
-                              batch_size=2, max_steps=2, save_every=2, eval_every=2, warmup_steps=1, align_weight=0.01))
+    kw = dict(seq_len=32, batch_size=2, save_every=2, eval_every=2, warmup_steps=1)
+    s = uptrain(UptrainConfig(str(tmp_path / "b"), str(corpus), tmp_path / "run", teacher=str(src), max_steps=2,
+                              align_weight=0.01, **kw))
     assert s["step"] == 2 and len(s["history"]) == 2
+    # the same first batch without the alignment term, then without the teacher: each term is in the loss
+    first = [uptrain(UptrainConfig(str(tmp_path / "b"), str(corpus), tmp_path / f"r{i}", max_steps=1, **kw, **extra))
+             ["history"][0]["loss"] for i, extra in enumerate([dict(teacher=str(src)), {}])]
+    assert s["history"][0]["loss"] > first[0] + 1e-6 and abs(first[0] - first[1]) > 1e-4
     assert all(math.isfinite(h["loss"]) for h in s["history"]) and math.isfinite(s["history"][-1]["val_loss"])
     after = load_block(tmp_path / "run" / "model")
     x = tokens()

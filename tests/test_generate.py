@@ -53,6 +53,26 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert not torch.equal(a, model.generate(prompt, seed=8, **kw))
 
 
+@pytest.mark.parametrize("kw, support, probs", [
+    (dict(top_k=3), [0, 1, 2], [0.4, 0.25, 0.15]),
+    (dict(top_p=0.6), [0, 1], [0.4, 0.25]),            # the token that crosses p (cumulative 0.65) is kept
+    (dict(temperature=2.0), list(range(8)), [x ** 0.5 for x in (0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.01, 0.01)]),
+    (dict(temperature=1e-6), [0], [1.0]),
+])
+def test_sampling_draws_from_the_truncated_tempered_distribution(kw, support, probs):
+    """4,000 seeded draws from one row of known probabilities: only the allowed tokens, at the renormalised
+    frequencies (binomial standard error under 0.008, tolerance 0.03)."""
+    from blockformer.generate import Sampling, next_token
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.01, 0.01])
+    draws = next_token(p.log().expand(4000, -1), Sampling(do_sample=True, **kw), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=8).float() / len(draws)
+    want = torch.zeros(8)
+    want[support] = torch.tensor(probs) / sum(probs)
+    assert set(draws.unique().tolist()) <= set(support)
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+    assert torch.equal(next_token(p.log()[None], Sampling(), None), torch.tensor([0]))  # greedy: the argmax
+
+
 @torch.no_grad()
 def test_eos_stops_each_sequence(model):
     prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -168,6 +188,26 @@ def test_compiled_decoding_gives_the_tokens_of_eager_decoding(tiny_dirs, tmp_pat
     assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), eager)
     model.compile_decoding(False)
     assert "run_layers" not in model.token_decoder.__dict__
+
+
+def test_compile_decoding_routes_every_token_step_through_the_compiled_function(tiny_dirs, tmp_path, monkeypatch):
+    """torch.compile stubbed by a counting identity (the real one is the slow test above): generate calls the
+    compiled token-decoder step for each token after a block's first, and compile_decoding(False) is eager again."""
+    calls, compiled = [], []
+
+    def fake_compile(fn, **kw):
+        compiled.append(kw)
+        return lambda *a, **k: (calls.append(1), fn(*a, **k))[1]
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b"))
+    ids = torch.randint(4, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=10, eos_token_id=None)
+    model.compile_decoding()
+    assert compiled == [{"dynamic": False}]
+    assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), eager) and len(calls) >= 10
+    model.compile_decoding(False)
+    n = len(calls)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, eos_token_id=None), eager) and len(calls) == n
 
 
 def test_compile_flag_on_a_vanilla_model_is_one_line(tiny_dirs):

@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -109,12 +110,26 @@ def test_binary_jsonl_is_one_line(block, tmp_path):
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
-def test_packing_pads_documents_and_masks_them(corpus):
-    docs = read_documents(str(corpus))
-    p = pack(docs, tiny_tokenizer(), 32, 4, seed=1)
-    assert p.ids.shape[1] == 32 and p.n_val >= 1 and p.n_train > 0
-    assert ((p.labels == -100) | p.mask).all()  # pads are never predicted
-    assert (~p.mask).any()                       # the paper's random first-block padding is there
+def test_packing_pads_documents_and_masks_them():
+    """Hand-made documents: the rows, put back in order, are each document's tokens + EOS after U{0..L_B-1} pads
+    drawn from the seed; labels are the ids themselves (the loss shifts) except at pads and at the first token after
+    a document's pads, which has no real predecessor; the validation rows are a slice of the same permutation."""
+    tok, L, T, seed = tiny_tokenizer(), 4, 16, 3
+    docs = [" ".join(f"w{(7 * d + i) % 50}" for i in range(5 + 3 * d)) for d in range(12)]
+    p = pack(docs, tok, T, L, val_fraction=0.25, seed=seed)
+    back = torch.argsort(torch.randperm(p.ids.shape[0], generator=torch.Generator().manual_seed(seed)))
+    ids, mask, labels = (x[back].flatten().tolist() for x in (p.ids, p.mask, p.labels))
+    rng, ex_ids, ex_mask, ex_labels = random.Random(seed), [], [], []
+    for d in docs:
+        n_pad, toks = rng.randrange(L), tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
+        ex_ids += [tok.pad_token_id] * n_pad + toks
+        ex_mask += [False] * n_pad + [True] * len(toks)
+        ex_labels += [-100] * n_pad + [toks[0] if n_pad == 0 else -100] + toks[1:]
+    n = len(ids)
+    assert n == len(ex_ids) // T * T and n > 4 * T
+    assert (ids, mask, labels) == (ex_ids[:n], ex_mask[:n], ex_labels[:n])
+    assert 0 < ex_mask.count(False) < len(docs) * (L - 1)  # some pads, drawn per document
+    assert p.n_val == round(n // T * 0.25) and p.tokens == sum(mask)
 
 
 def test_absurd_lr_keeps_no_diverged_checkpoint(block, corpus, tmp_path):
@@ -209,6 +224,7 @@ def test_seq_len_is_rounded_up_to_the_block_length(block, corpus, tmp_path):
     r = CliRunner().invoke(main, ["uptrain", str(block), "--data", str(corpus), "--out", str(tmp_path / "o"),
                                   "--seq-len", "30", "--max-steps", "1", "--batch-size", "2"])
     assert r.exit_code == 0 and "rounded up to 32" in r.output
+    assert json.loads((tmp_path / "o" / "uptrain_config.json").read_text())["seq_len"] == 32  # and trained so
 
 
 def test_two_process_ddp_matches_one_process(block, corpus, tmp_path):

@@ -65,6 +65,19 @@ def load_original(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def split_states(orig, blk, notes, n_tokens: int = 512, seq_len: int = 256):
+    """What `--init contextual` must compute from `notes`: its calibration rows, the original's states entering the
+    split layer (R, T, D), which tokens were seen, and per seen token the mean of its states (fp64)."""
+    from blockformer.convert.contextual import calibration_rows
+    rows = calibration_rows(tiny_tokenizer(), str(notes), n_tokens, seq_len)
+    with torch.no_grad():
+        h = torch.cat([orig(input_ids=r[None], output_hidden_states=True).hidden_states[blk.config.num_block_layers]
+                       for r in rows])
+    ids, flat = rows.flatten(), h.flatten(0, 1).double()
+    seen = torch.bincount(ids, minlength=VOCAB) > 0
+    return rows, h, seen, torch.stack([flat[ids == v].mean(0) for v in range(VOCAB) if seen[v]])
+
+
 def convert_tiny(src, out, **kw):
     from blockformer.convert import ConvertConfig, convert
     convert(ConvertConfig(str(src), out, **kw))
