@@ -23,7 +23,8 @@ import torch
 
 from . import costs, sources
 from .errors import BlockformerError
-from .machine import cpu_name
+from .io import atomic_folder, check_out
+from .machine import check_device, cpu_name
 
 SCENARIOS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 2048)}
 QUICK = {"prefill-heavy": (512, 32), "decode-heavy": (128, 128)}
@@ -46,6 +47,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     out: Path | None = None
+    overwrite: bool = False
 
     def check(self) -> None:
         """Value checks, no I/O: run by `run_bench` and by recipes (so the CLI and YAML share them)."""
@@ -68,6 +70,9 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     cfg.check()
+    check_device(cfg.device)
+    if cfg.out:
+        check_out(Path(cfg.out), cfg.overwrite, [cfg.model, cfg.baseline])  # before the long work
     model = _load(cfg.model, cfg)
     baseline = _load(cfg.baseline, cfg) if cfg.baseline else None
     if model.config.model_type != "block_transformer":
@@ -100,7 +105,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             res["points"].append(point)
             log(point_line(point))
     if cfg.out:
-        write(res, Path(cfg.out))
+        write(res, Path(cfg.out), cfg.overwrite)
     return res
 
 
@@ -255,10 +260,10 @@ def table(res: dict) -> str:
     return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, rows)])
 
 
-def write(res: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
-    plot(res, out / "throughput.png")
+def write(res: dict, out: Path, overwrite: bool = True) -> None:
+    with atomic_folder(out, overwrite) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+        plot(res, tmp / "throughput.png")
 
 
 def plot(res: dict, path: Path) -> None:

@@ -167,8 +167,12 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
     from transformers import TextStreamer
     from . import sources
     from .errors import BlockformerError
+    from .generate import Sampling
     if not prompt:
         raise BlockformerError("empty prompt")
+    if not sample and (top_k is not None or top_p is not None or seed is not None):
+        raise BlockformerError("--top-k, --top-p and --seed apply to sampling: add --sample")
+    Sampling(sample, temperature, top_k, top_p)  # refuses a NaN or out-of-range value before the model loads
     src = sources.resolve(model)
     m, tok = sources.load_model(src, torch.float32), sources.load_tokenizer(src)
     if compile_:
@@ -213,8 +217,10 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, s
               help="Device of both models.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for bench.json and throughput.png [default: runs/bench-TIME].")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the bench has finished).")
 @friendly
-def bench(model, baseline, baselines, quick, scenarios, prompt_len, gen_len, batch_sizes, repeats, dtype, device, out):
+def bench(model, baseline, baselines, quick, scenarios, prompt_len, gen_len, batch_sizes, repeats, dtype, device, out,
+          overwrite):
     """Measure generation throughput of MODEL (a Block Transformer) against --baseline."""
     import json
     import time
@@ -224,6 +230,8 @@ def bench(model, baseline, baselines, quick, scenarios, prompt_len, gen_len, bat
     if prompt_len or gen_len:
         if not (prompt_len and gen_len) or prompt_len < 1 or gen_len < 1:
             raise BlockformerError("--prompt-len and --gen-len go together and must be at least 1")
+        if scenarios or quick:
+            raise BlockformerError("--prompt-len/--gen-len make a custom scenario: leave out --scenario and --quick")
         table_ = {f"custom {prompt_len}/{gen_len}": (prompt_len, gen_len)}
     elif scenarios:
         table_ = {k: v for k, v in table_.items() if k in scenarios}
@@ -231,11 +239,11 @@ def bench(model, baseline, baselines, quick, scenarios, prompt_len, gen_len, bat
         sizes = tuple(int(x) for x in batch_sizes.split(",")) if batch_sizes else None
     except ValueError:
         raise BlockformerError(f"--batch-sizes must be integers separated by commas, got {batch_sizes}")
-    if sizes and min(sizes) < 1:
-        raise BlockformerError("--batch-sizes must be at least 1")
+    if batch_sizes is not None and (not sizes or min(sizes) < 1 or len(set(sizes)) < len(sizes)):
+        raise BlockformerError(f"--batch-sizes must be distinct whole numbers of at least 1, got {batch_sizes!r}")
     out = out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
     cfg = BenchConfig(model, baseline, table_, sizes, repeats, tuple(b for b in baselines.split(",") if b), dtype,
-                      device, out=out)
+                      device, out=out, overwrite=overwrite)
     res = run_bench(cfg, log=lambda s: click.echo(s, err=True))
     click.echo(table(res))
     click.echo(f"wrote {out}/bench.json and throughput.png")

@@ -29,6 +29,16 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
 
+    def __post_init__(self):  # NaN fails every comparison below, so it is refused too
+        if not self.do_sample:
+            return
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
+            raise BlockformerError(f"temperature (--temperature) must be above 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise BlockformerError(f"top_k (--top-k) must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BlockformerError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")
+
 
 def next_token(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids: greedy, or temperature / top-k / top-p sampling."""

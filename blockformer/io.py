@@ -13,12 +13,24 @@ from pathlib import Path
 from .errors import BlockformerError
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse early, before any expensive work, to touch an existing output without --overwrite."""
+def check_out(out: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse early, before any expensive work, to touch an existing output without --overwrite, and always to
+    replace a folder the run reads (`inputs`) or works in: --overwrite must never destroy the source."""
+    check_not_input(out, inputs)
     if out.exists() and not overwrite:
         raise BlockformerError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise BlockformerError(f"{out} exists and is not a folder")
+
+
+def check_not_input(out, inputs=()) -> None:
+    """One line if `out` is empty, or is (or holds) the current folder or one of the existing paths in `inputs`."""
+    if str(out).strip() in ("", "."):
+        raise BlockformerError(f"the output folder must be named (got {str(out)!r})")
+    o = Path(out).resolve()
+    for name, p in [("the current folder", Path.cwd())] + [(str(x), Path(x)) for x in inputs if x]:
+        if p.exists() and (p.resolve() == o or o in p.resolve().parents):
+            raise BlockformerError(f"{out} is or holds {name}, which this run reads: choose another output folder")
 
 
 def ensure_writable(path: Path) -> None:

@@ -28,3 +28,17 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def check_device(device: str) -> None:
+    """One line for a device torch cannot name or this machine does not have ('banana', 'cuda' on a CPU machine)."""
+    import torch
+    from .errors import BlockformerError
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise BlockformerError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    have = {"cpu": True, "cuda": torch.cuda.is_available(),
+            "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not have.get(kind, False):
+        raise BlockformerError(f"--device {device}: this machine has no {kind} device")

@@ -50,6 +50,30 @@ class ConvertConfig:
     embedder_layers: int = 0         # the original's lowest layers, run inside each block by the embedder
     embedder_sink: bool = False      # --embedder-layers: a learned vector (init: BOS) opens each block's window
 
+    def check(self) -> None:
+        """Value checks, no I/O: run by `validate` and by recipes (so the CLI and YAML share them)."""
+        if self.block_length < 1:
+            raise BlockformerError(f"--block-length must be at least 1, got {self.block_length}")
+        if self.prefix_length < 1:
+            raise BlockformerError(f"--prefix-length must be at least 1, got {self.prefix_length}")
+        if self.layer_map not in LAYER_MAPS:
+            raise BlockformerError(f"--layer-map must be one of {', '.join(LAYER_MAPS)}, got {self.layer_map}")
+        if self.dtype not in DTYPES:
+            raise BlockformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
+        if self.init not in INITS:
+            raise BlockformerError(f"--init must be one of {', '.join(INITS)}, got {self.init}")
+        if self.calib_tokens < 1:
+            raise BlockformerError(f"--calib-tokens must be at least 1, got {self.calib_tokens}")
+        if not 0 <= self.embedder_mix <= 1:
+            raise BlockformerError(f"--embedder-mix must be between 0 and 1, got {self.embedder_mix}")
+        if self.embedder_layers < 0:
+            raise BlockformerError(f"--embedder-layers must be 0 or more, got {self.embedder_layers}")
+        if shard_bytes(self.max_shard_size) < 2**20:
+            raise BlockformerError(f"--max-shard-size must be a size of at least 1MB such as 2GB or 500MB, "
+                                   f"got {self.max_shard_size!r}")
+        if self.embedder_sink and not self.embedder_layers:
+            raise BlockformerError("--embedder-sink opens the embedder's local layers; it needs --embedder-layers 1 or more")
+
 
 def layer_count(n: int, block_layers: float | None) -> int | None:
     """--block-layers as a count of the original's n layers: a whole number as it is, a share below 1 rounded (so one
@@ -88,6 +112,9 @@ def split_embedder_layers(block_src: list[int], k: int) -> tuple[list[int], list
 def plan_parts(cfg: ConvertConfig, n: int) -> tuple[list[int], list[int], list[int]]:
     """Original layer indices for the embedder's local layers, the block decoder and the token decoder."""
     block_src, token_src = plan_layers(n, cfg.layer_map, cfg.block_layers)
+    if not token_src and cfg.block_length > 1:  # only the degenerate L_B = 1 conversion (the original) may do that
+        raise BlockformerError(f"--block-layers {len(block_src)} leaves the token decoder no layer; with "
+                               f"--block-length {cfg.block_length} use at most {n - 1}")
     return (*split_embedder_layers(block_src, cfg.embedder_layers), token_src)
 
 
@@ -100,25 +127,17 @@ def assemble(cfg: ConvertConfig, hf_cfg, arch: dict, src, original, fam: Family,
 
 
 def validate(cfg: ConvertConfig) -> None:
-    if cfg.block_length < 1:
-        raise BlockformerError(f"--block-length must be at least 1, got {cfg.block_length}")
-    if cfg.prefix_length < 1:
-        raise BlockformerError(f"--prefix-length must be at least 1, got {cfg.prefix_length}")
-    if cfg.layer_map not in LAYER_MAPS:
-        raise BlockformerError(f"--layer-map must be one of {', '.join(LAYER_MAPS)}, got {cfg.layer_map}")
-    if cfg.dtype not in DTYPES:
-        raise BlockformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype}")
-    if cfg.init not in INITS:
-        raise BlockformerError(f"--init must be one of {', '.join(INITS)}, got {cfg.init}")
-    if cfg.calib_tokens < 1:
-        raise BlockformerError(f"--calib-tokens must be at least 1, got {cfg.calib_tokens}")
-    if not 0 <= cfg.embedder_mix <= 1:
-        raise BlockformerError(f"--embedder-mix must be between 0 and 1, got {cfg.embedder_mix}")
-    if cfg.embedder_layers < 0:
-        raise BlockformerError(f"--embedder-layers must be 0 or more, got {cfg.embedder_layers}")
-    if cfg.embedder_sink and not cfg.embedder_layers:
-        raise BlockformerError("--embedder-sink opens the embedder's local layers; it needs --embedder-layers 1 or more")
-    check_out(Path(cfg.out), cfg.overwrite)
+    cfg.check()
+    check_out(Path(cfg.out), cfg.overwrite, [cfg.source, cfg.calib_data])
+
+
+def shard_bytes(size) -> int:
+    """Hugging Face's size strings ('2GB', '500MB', '1GiB') or a byte count; -1 when it is not one."""
+    from transformers.utils.hub import convert_file_size_to_int
+    try:
+        return -1 if isinstance(size, bool) else int(convert_file_size_to_int(size))
+    except (ValueError, TypeError):
+        return -1
 
 
 def convert(cfg: ConvertConfig) -> dict:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import sources
 from ..errors import BlockformerError
 from ..io import atomic_folder, check_out
+from ..machine import check_device
 from .scoring import ANCHORS, Scorer
 from .tasks import TASKS, Doc, Task, default_data_dir, get_task, load_docs
 
@@ -57,6 +58,13 @@ def check(cfg: EvalConfig) -> list[Task]:
         raise BlockformerError(f"task '{twice[0]}' is given twice")
     if cfg.anchor not in ANCHORS:
         raise BlockformerError(f"anchor must be one of {', '.join(ANCHORS)}, got {cfg.anchor!r}")
+    for name in ("batch_tokens", "max_length"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            raise BlockformerError(f"{name} (--{name.replace('_', '-')}) must be a whole number of tokens, at least 2, "
+                                   f"got {v!r}")
+    if cfg.device != "auto":
+        check_device(cfg.device)
     if not cfg.role or (cfg.baseline is not None and cfg.role == BASELINE):
         raise BlockformerError(f"role must be a name other than '{BASELINE}' (the baseline's), got {cfg.role!r}")
     return [get_task(t) for t in cfg.tasks]
@@ -67,7 +75,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     tasks = check(cfg)
     if cfg.out:
-        check_out(Path(cfg.out), cfg.overwrite)  # before the long work, not after it
+        check_out(Path(cfg.out), cfg.overwrite, [cfg.model, cfg.baseline, cfg.data_dir])  # before the long work
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     data = {t.name: load_docs(t, data_dir, cfg.limit, cfg.seed) for t in tasks}
     models = {cfg.role: cfg.model} if cfg.baseline is None else {BASELINE: cfg.baseline, cfg.role: cfg.model}

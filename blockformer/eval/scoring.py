@@ -39,7 +39,11 @@ class Scorer:
         # 2048, 19.1 at 4096, 14.5-16.4 at 256-384 (medians of 3, two passes). A GPU wants large ones.
         self.batch_tokens = batch_tokens or (16384 if self.device.type == "cuda" else 1024)
         self.max_batch = max_batch
-        self.max_length = max_length or resolve_max_length(model.config, tokenizer)
+        context = resolve_max_length(model.config, tokenizer)
+        if max_length is not None and not 2 <= max_length <= context:
+            raise BlockformerError(f"max_length (--max-length) must be between 2 and the model's context of {context} "
+                                   f"tokens, got {max_length}")
+        self.max_length = max_length or context
 
     # ----------------------------------------------------------------------------------- tokenisation (lm-eval)
     @property

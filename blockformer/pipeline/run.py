@@ -24,7 +24,7 @@ import yaml
 from .. import datafiles, sources
 from ..errors import BlockformerError
 from ..eval.harness import resolve_device
-from ..io import atomic_folder, atomic_write_text
+from ..io import atomic_write_text, check_not_input
 from ..machine import cpu_name
 from ..uptrain.config import data_specs
 from .recipe import SYNTH_DATA, Recipe, load_recipe
@@ -44,6 +44,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     recipe = load_recipe(cfg.recipe)
     root = Path(cfg.out or recipe.out)
     data_dir = datafiles.user_data_dir(recipe.data_dir)  # or $BLOCKFORMER_DATA_DIR; None: bundled data, then hub
+    check_not_input(root, [recipe.source, recipe.path, data_dir])  # --overwrite would delete what it reads
     prepare_root(root, cfg.overwrite)
     (root / "recipe.yaml").write_text("# the recipe as run, every default filled in\n"
                                       + yaml.safe_dump(resolved(recipe), sort_keys=False))
@@ -174,8 +175,7 @@ class Job:
 
         def work():
             res = B.run_bench(B.BenchConfig(conv["dir"], self.recipe.source, **opts), log=self.log)
-            with atomic_folder(out, overwrite=True) as tmp:
-                B.write(res, tmp)
+            B.write(res, out)  # atomic; this stage's own folder, replaced when the stage reruns
             return {**res, "table": B.table(res), "png": str(out / "throughput.png")}
         return self.stage("bench", key, out / "bench.json", work)
 

@@ -73,18 +73,26 @@ def _read_file(path: Path, field: str) -> list[str]:
     if path.suffix == ".jsonl":
         return [_field(r, field, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise BlockformerError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
         if field not in table.column_names:
             raise BlockformerError(f"{path} has no column '{field}' (columns: {', '.join(table.column_names)})")
-        return [str(x) for x in table.column(field).to_pylist()]
+        return [_field({field: x}, field, f"{path}: row {i + 1}") for i, x in enumerate(table.column(field).to_pylist())]
     raise BlockformerError(f"{path}: unsupported file type (use .txt, .jsonl or .parquet)")
 
 
 def _field(row: dict, field: str, where: str) -> str:
     if field not in row:
         raise BlockformerError(f"{where}: no field '{field}' (fields: {', '.join(row)}); set --text-field")
-    return str(row[field])
+    if row[field] is None:  # a missing text: an empty document, dropped with the blank ones
+        return ""
+    if not isinstance(row[field], str):  # str() would silently train on "5" or "[1, 2]"
+        raise BlockformerError(f"{where}: field '{field}' holds {type(row[field]).__name__}, not text")
+    return row[field]
 
 
 def _read_hub(name: str, field: str, split: str, max_docs: int | None, looked: list[str]) -> list[str]:

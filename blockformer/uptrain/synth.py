@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import sources
 from ..errors import BlockformerError
+from ..eval.scoring import resolve_max_length
 from ..io import atomic_write_text
 from .config import SynthConfig
 
@@ -89,6 +90,9 @@ def synth(cfg: SynthConfig) -> dict:
     model, tok = sources.load_model(src, torch.float32).eval(), sources.load_tokenizer(src)
     if model.config.model_type == "block_transformer":
         raise BlockformerError(f"{cfg.source} is a Block Transformer; the original model writes the teacher's text")
+    if cfg.max_new_tokens >= resolve_max_length(model.config, tok):  # before the progress bar; prompts: below
+        raise BlockformerError(f"max_new_tokens (--max-new-tokens) {cfg.max_new_tokens} leaves no room for a prompt "
+                               f"in the model's context of {resolve_max_length(model.config, tok)} tokens")
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     docs, written, t0, plan = [], 0, time.perf_counter(), prompt_plan(cfg.kinds, cfg.seed)
@@ -113,6 +117,10 @@ def write_batch(model, tok, batch, cfg: SynthConfig, pad: int, offset: int) -> l
     """Sampled documents for one batch of prompts: (text, generated tokens kept) each; seeded by its position."""
     prompts, heads = zip(*(render(tok, k, t) for k, t in batch))
     enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
+    context = resolve_max_length(model.config, tok)
+    if enc["input_ids"].shape[1] + cfg.max_new_tokens > context:
+        raise BlockformerError(f"a prompt ({enc['input_ids'].shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
+                               f"exceeds the model's context of {context} tokens")
     torch.manual_seed(cfg.seed * 1_000_003 + offset)
     out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                          top_p=cfg.top_p, pad_token_id=pad, eos_token_id=tok.eos_token_id)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import sources
 from ..errors import BlockformerError
-from ..io import atomic_folder, atomic_write_text
+from ..io import atomic_folder, atomic_write_text, check_not_input
 from ..machine import cpu_flags
 from ..model import output_head, prediction_slots
 from .checkpoints import RunFolder, gather_state, is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -45,6 +45,7 @@ def validate(cfg: UptrainConfig, block_length: int) -> int:
 
 
 def check_out(cfg: UptrainConfig) -> None:
+    check_not_input(cfg.out, [cfg.model, cfg.teacher, *data_specs(cfg.data)])
     if cfg.out.exists() and not (cfg.resume or cfg.overwrite):
         raise BlockformerError(f"{cfg.out} already exists; pass --resume to continue it or --overwrite to replace it")
     if cfg.out.exists() and not cfg.out.is_dir():
