@@ -78,6 +78,7 @@ def test_bench_refuses_options_it_would_ignore(blk, tmp_path, extra, words):
     (["--max-length", 1], ["--max-length", "at least 2"]),
     (["--max-length", 0], ["--max-length"]),
     (["--max-length", 100000], ["context of 256"]),
+    (["--max-length", 5], ["does not fit the scoring window"]),  # was scored silently wrong
     (["--batch-tokens", 0], ["--batch-tokens"]),
     (["--batch-tokens", -5], ["--batch-tokens"]),
     (["--device", "banana"], ["not a device"]),

@@ -220,6 +220,10 @@ class Scorer:
     @torch.inference_mode()
     def loglikelihood_tokens(self, reqs: list[tuple[list[int], list[int]]], progress=None):
         """[(context ids, continuation ids)] -> [(sum of log-probs, greedy?)] in the input order."""
+        longest = max((len(x) for _, x in reqs), default=0)
+        if longest > self.max_length:  # lm-eval asserts the same: the window must hold every scored token
+            raise BlockformerError(f"a continuation of {longest} tokens does not fit the scoring window of "
+                                   f"{self.max_length} tokens; raise --max-length")
         inputs = [((c + x)[-(self.max_length + 1):][:-1], x) for c, x in reqs]
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
         results: list = [None] * len(inputs)
