@@ -136,3 +136,7 @@ def test_synth_refuses_to_write_past_the_context(tiny_dirs, tmp_path):
     one_error_line(run("synth", tiny_dirs["llama"], "--tokens", 16, "--batch-size", 2, "--max-new-tokens", 100000,
                        "--out", tmp_path / "s.jsonl"), "context of 256")
     assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_synth_writes_json_lines_only_to_a_jsonl_name(tiny_dirs, tmp_path):
+    one_error_line(run("synth", tiny_dirs["llama"], "--tokens", 16, "--out", tmp_path / "s.txt"), "*.jsonl")

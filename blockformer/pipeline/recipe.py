@@ -168,7 +168,8 @@ def check_values(path: Path, stage: str, opts: dict) -> None:
     fields = {f.name for f in dataclasses.fields(cls)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}  # as the pipeline passes them
     try:
-        cfg = cls(**{k: v for k, v in PLACEHOLDERS.items() if k in fields}, **given)
+        ph = PLACEHOLDERS | ({"out": Path("<out>.jsonl")} if stage == "synth" else {})  # synth writes JSON lines
+        cfg = cls(**{k: v for k, v in ph.items() if k in fields}, **given)
         check = getattr(cfg, "check", None)
         if callable(check):
             check()

@@ -165,5 +165,7 @@ class SynthConfig:
                 raise BlockformerError(f"{name} (--{name.replace('_', '-')}) must be a positive integer")
         if not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise BlockformerError("--temperature must be > 0 and --top-p in (0, 1]")
+        if Path(self.out).suffix != ".jsonl":  # uptrain reads a file by its suffix: .txt would train on raw JSON
+            raise BlockformerError(f"--out {self.out}: the teacher's text is written as JSON lines; name it *.jsonl")
         if Path(self.out).exists() and not self.overwrite:
             raise BlockformerError(f"{self.out} already exists; pass --overwrite to replace it")
