@@ -236,3 +236,17 @@ def test_the_recipes_layer_share_applies_to_partitions_only(convert, share, bloc
     c = build({"convert": convert}, Path("r.yaml")).convert
     assert c["block_layers"] == share
     assert len(plan_layers(30, c["layer_map"], c["block_layers"])[0]) == block
+
+
+def test_report_on_the_default_model_shows_the_measured_curve_and_the_lab(tmp_path):
+    """Issue 11 §2: the report of a run on the default model carries the longer-training curve and the lab's plot."""
+    from blockformer.pipeline import report
+    figs = tmp_path / "figures"
+    figs.mkdir()
+    doc = report.measured({"recipe": {"source": "default"}}, figs)
+    images = [b[1] for b in doc if b[0] == "img"]
+    assert [p.name for p in images] == ["recovery-curve-256k.png", "recovery-lab-full-2m.png"]
+    assert all(p.parent == figs and p.read_bytes() == (report.DOCS / p.name).read_bytes() for p in images)
+    assert "27% ± 6 at 256k" in report.to_markdown(doc, tmp_path)
+    assert "data:image/png;base64," in report.to_html(doc, "default")
+    assert report.measured({"recipe": {"source": "my/model"}}, figs) == []  # measured on SmolLM2 only
