@@ -93,37 +93,6 @@ def test_shared_context_scores_equal_the_plain_path(kind, block_dir, tiny_dirs, 
     assert [r[1] for r in flat] == [r[1] for r in want]
 
 
-def test_choices_common_first_tokens_run_once_with_the_context(tiny_dirs, monkeypatch):
-    """Choices that open alike (piqa's often do) feed their common tokens once, and still score as the plain path:
-    including a choice that is a prefix of another and two identical choices."""
-    rng = random.Random(5)
-    words = lambda k: " ".join(f"w{rng.randrange(4, 90)}" for _ in range(k))  # noqa: E731
-    items = []
-    for _ in range(8):
-        ctx, opening = words(rng.randint(3, 12)), " " + words(rng.randint(4, 8))
-        items.append([(ctx, opening + " " + words(rng.randint(1, 3))) for _ in range(rng.choice([2, 3]))])
-    items.append([("w5 w6", " w7 w8 w9"), ("w5 w6", " w7 w8")])
-    items.append([("w5 w6 w7", " w8 w9"), ("w5 w6 w7", " w8 w9")])
-    model = load_original(tiny_dirs["llama"])
-    fed = []
-    model.base_model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].numel()), with_kwargs=True)
-    scorer = Scorer(model, tiny_tokenizer(), batch_tokens=400)
-    assert all(scorer._shareable([scorer.encode_pair(c, x) for c, x in it]) for it in items[:8])
-    got = scorer.loglikelihood_choices(items)
-    with_common = sum(fed)
-    fed.clear()
-    monkeypatch.setattr(scorer, "_common", lambda e: 0)  # the context alone shared
-    assert torch.allclose(torch.tensor([r[0] for it in scorer.loglikelihood_choices(items) for r in it]),
-                          torch.tensor([r[0] for it in got for r in it]), rtol=1e-5, atol=1e-4)
-    assert with_common < 0.8 * sum(fed)
-    want = Scorer(model, tiny_tokenizer(), batch_tokens=96).loglikelihood([p for it in items for p in it])
-    flat = [r for item in got for r in item]
-    torch.testing.assert_close(torch.tensor([r[0] for r in flat]), torch.tensor([r[0] for r in want]),
-                               rtol=1e-5, atol=1e-4)
-    assert [r[1] for r in flat] == [r[1] for r in want]
-    assert flat[-1] == flat[-2]
-
-
 @torch.no_grad()
 def test_first_anchor_scores_the_papers_alignment(block_dir, tiny_dirs):
     """--anchor first: the first token closes block 0 (the model's default alignment in one full forward)."""

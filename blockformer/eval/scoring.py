@@ -80,9 +80,10 @@ class Scorer:
         flat = self.loglikelihood_tokens([r for i in plain for r in enc[i]], progress)
         for i in plain:
             out[i], flat = flat[: len(enc[i])], flat[len(enc[i]):]
-        k = {i: self._common(enc[i]) for i, s in enumerate(share) if s}
-        # similar shared lengths batch together (they are left-padded to the longest), then similar choices
-        shared = sorted(k, key=lambda i: (len(enc[i]), len(enc[i][0][0]) + k[i], max(len(x) for _, x in enc[i]) - k[i]))
+        longest = lambda i: max(len(x) for _, x in enc[i])  # noqa: E731 - padding follows the longest choice
+        # similar context lengths batch together (contexts are left-padded to the longest), then similar choices
+        shared = sorted((i for i, s in enumerate(share) if s),
+                        key=lambda i: (len(enc[i]), len(enc[i][0][0]), longest(i)))
         for batch in self._shared_batches(shared, enc):
             for i, r in zip(batch, self._score_shared([enc[i] for i in batch])):
                 out[i] = r
@@ -90,25 +91,13 @@ class Scorer:
                 progress.update(sum(len(enc[i]) for i in batch))
         return out
 
-    def _common(self, e) -> int:
-        """Leading continuation tokens every choice shares (piqa's two solutions often open alike): a vanilla model
-        runs them once with the context. Each choice keeps one token of its own, which the shared part predicts."""
-        if self.block:  # the block path shares the context's blocks only
-            return 0
-        xs = [x for _, x in e]
-        k, cap = 0, min(map(len, xs)) - 1
-        while k < cap and all(x[k] == xs[0][k] for x in xs):
-            k += 1
-        return k
-
     def _shareable(self, e) -> bool:
         same_ctx = all(c == e[0][0] for c, _ in e)
         fits = all(len(c) + len(x) - 1 <= self.max_length for c, x in e)
         if self.block:  # the context's blocks run once (the paper's --anchor first splits them: plain path)
             return self.anchor == "context" and len(e) > 1 and same_ctx and fits and self._block_cheaper(e)
-        # padded cost of the cached path vs the plain one; the cached path pays when the shared part dominates
-        k = self._common(e) if same_ctx else 0
-        shared_cost = len(e[0][0]) + k + len(e) * max(len(x) - k for _, x in e)
+        # padded cost of the cached path vs the plain one; the cached path pays when the context dominates
+        shared_cost = len(e[0][0]) + len(e) * max(len(x) for _, x in e)
         plain_cost = sum(len(c) + len(x) for c, x in e)
         cheaper = shared_cost < 0.8 * plain_cost
         return self.model.config.model_type in FAMILIES and same_ctx and fits and cheaper
@@ -128,12 +117,11 @@ class Scorer:
     def _shared_batches(self, order, enc):
         batch, tc, tx = [], 0, 0
         for i in order:
-            n, k = len(enc[i]), self._common(enc[i])
-            c, x = len(enc[i][0][0]) + k, max(len(x) for _, x in enc[i]) - k
-            tc2, tx2 = max(tc, c), max(tx, x)
+            n = len(enc[i])
+            tc2, tx2 = max(tc, len(enc[i][0][0])), max(tx, max(len(x) for _, x in enc[i]))
             if batch and ((len(batch) + 1) * (tc2 + n * tx2) > self.batch_tokens or n != len(enc[batch[0]])):
                 yield batch
-                batch, tc2, tx2 = [], c, x
+                batch, tc2, tx2 = [], len(enc[i][0][0]), max(len(x) for _, x in enc[i])
             batch.append(i)
             tc, tx = tc2, tx2
         if batch:
@@ -161,13 +149,9 @@ class Scorer:
         return [scores[b * n:(b + 1) * n] for b in range(len(items))]
 
     def _score_shared_cached(self, items):
-        """Contexts (with the choices' common first k tokens) left-padded once (B, Tc); their cache repeated per
-        choice; the rest of each choice right-padded (B*n, Tx). The shared part's last k+1 positions predict each
-        choice's first k+1 tokens, the rest its remaining ones."""
+        """Contexts left-padded once (B, Tc); their cache repeated per choice; choices right-padded (B*n, Tx)."""
         n, dev = len(items[0]), self.device
-        ks = [self._common(it) for it in items]
-        ctxs = [it[0][0] + it[0][1][:k] for it, k in zip(items, ks)]
-        K = max(ks)
+        ctxs = [it[0][0] for it in items]
         Tc = max(map(len, ctxs))
         ids = torch.full((len(items), Tc), self.prefix_token_id, dtype=torch.long)
         cmask = torch.zeros(len(items), Tc, dtype=torch.long)
@@ -176,26 +160,23 @@ class Scorer:
         pos = (cmask.cumsum(1) - 1).clamp(min=0)
         out = self.model.base_model(input_ids=ids.to(dev), attention_mask=cmask.to(dev), position_ids=pos.to(dev),
                                     use_cache=True)
-        first = out.last_hidden_state[:, -(K + 1):].repeat_interleave(n, 0)  # (B*n, K+1, D): the last predicts cont[k]
+        first = out.last_hidden_state[:, -1].repeat_interleave(n, 0)                 # predicts each cont[0]
         conts = [x for it in items for _, x in it]
-        kk = [k for k in ks for _ in range(n)]
-        tails = [x[k:-1] for x, k in zip(conts, kk)]                          # fed after the shared part
-        Tx = max(map(len, tails))
-        hidden = [first]
+        Tx = max(map(len, conts)) - 1
+        hidden = [first[:, None]]
         if Tx > 0:
             out.past_key_values.batch_repeat_interleave(n)
             xids = torch.full((len(conts), Tx), self.prefix_token_id, dtype=torch.long)
             xmask = torch.zeros(len(conts), Tx, dtype=torch.long)
-            for b, t in enumerate(tails):
-                xids[b, : len(t)], xmask[b, : len(t)] = torch.tensor(t, dtype=torch.long), 1
+            for b, x in enumerate(conts):
+                xids[b, : len(x) - 1], xmask[b, : len(x) - 1] = torch.tensor(x[:-1]), 1
             xpos = pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(Tx)
             mask = torch.cat([cmask.repeat_interleave(n, 0), xmask], 1)
             h = self.model.base_model(input_ids=xids.to(dev), attention_mask=mask.to(dev), position_ids=xpos.to(dev),
                                       cache=out.past_key_values).last_hidden_state
             hidden.append(h)
-        h = torch.cat(hidden, 1)                                                        # (B*n, K+1 + Tx, D)
-        # a choice's scored positions are contiguous: its shared k+1 end at K, its tail follows
-        scores = self._gather_scores(h, [(K + len(x) - k, x) for x, k in zip(conts, kk)])
+        h = torch.cat(hidden, 1)                                                        # (B*n, 1 + Tx, D)
+        scores = self._gather_scores(h, [(len(x), x) for x in conts])
         return [scores[b * n:(b + 1) * n] for b in range(len(items))]
 
     @torch.inference_mode()
