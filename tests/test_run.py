@@ -247,6 +247,8 @@ def test_report_on_the_default_model_shows_the_measured_curve_and_the_lab(tmp_pa
     images = [b[1] for b in doc if b[0] == "img"]
     assert [p.name for p in images] == ["recovery-curve-256k.png", "recovery-lab-full-2m.png"]
     assert all(p.parent == figs and p.read_bytes() == (report.DOCS / p.name).read_bytes() for p in images)
-    assert "27% ± 6 at 256k" in report.to_markdown(doc, tmp_path)
+    assert "27% ± 6 at 256k" in report.to_markdown(doc, tmp_path) and "did not uptrain" in doc[1][1]
+    assert "on 32,768 tokens" in report.measured({"recipe": {"source": "default"}, "uptrain": {"tokens": 32768}},
+                                                 figs)[1][1]
     assert "data:image/png;base64," in report.to_html(doc, "default")
     assert report.measured({"recipe": {"source": "my/model"}}, figs) == []  # measured on SmolLM2 only

@@ -162,7 +162,9 @@ def measured(r: dict, figs: Path) -> list[tuple]:
     """For the default model: what longer uptraining measured, beside this run's short budget."""
     if r["recipe"].get("source") != "default":
         return []
-    text = ("This run trains 32k tokens at most. Taken further on the same model (docs/recovery.md, 24 + 6 layers, "
+    done = (r.get("uptrain") or {}).get("tokens")
+    text = ((f"This run uptrained on {done:,} tokens. " if done else "This run did not uptrain. ") +
+            "Taken further on the same model (docs/recovery.md, 24 + 6 layers, "
             "pure distillation on teacher-written text, before the local embedder), the share of the original's "
             "above-chance accuracy kept (HellaSwag, PIQA, ARC-Easy on 500 items, LAMBADA on all 5,153) goes from "
             "16% converted to 24% at 64k and 27% ± 6 at 256k tokens, against a goal of 50%. The recovery lab "
