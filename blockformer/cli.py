@@ -67,16 +67,21 @@ def main():
                    "(a better block vector for N more layer passes per token; docs/recovery.md).")
 @click.option("--embedder-sink", is_flag=True,
               help="With --embedder-layers: a learned vector (init: the BOS token's) opens each block's local window.")
+@click.option("--local-token-inputs", is_flag=True,
+              help="With --embedder-layers: each token-decoder input adds a learned linear map of the token's state "
+                   "after those local layers (it then knows its block's earlier tokens; init 0, or fitted to the "
+                   "original's split-layer states with --init contextual; docs/recovery.md).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly
 def convert(src, out, block_length, block_layers, layer_map, prefix_length, dtype, max_shard_size, init, calib_data,
-            calib_tokens, embedder_mix, embedder_layers, embedder_sink, overwrite):
+            calib_tokens, embedder_mix, embedder_layers, embedder_sink, local_token_inputs, overwrite):
     """Convert SRC (a model folder, hub id, .gguf file, or 'default') into a Block Transformer folder OUT."""
     from .convert import ConvertConfig, convert as run
     from .convert.card import summary_lines
     s = run(ConvertConfig(src, out, block_length, block_layers, layer_map, prefix_length, dtype, overwrite,
                           max_shard_size, init=init, calib_data=calib_data, calib_tokens=calib_tokens,
-                          embedder_mix=embedder_mix, embedder_layers=embedder_layers, embedder_sink=embedder_sink))
+                          embedder_mix=embedder_mix, embedder_layers=embedder_layers, embedder_sink=embedder_sink,
+                          local_token_inputs=local_token_inputs))
     for line in summary_lines(s):
         click.echo(line)
     click.echo(f"wrote {out} in {s['seconds']:.1f} s")

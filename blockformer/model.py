@@ -52,7 +52,8 @@ class BlockTransformerConfig(PretrainedConfig):
                  norm_offset=0.0, norm_placement="pre", shared_norm=False, qk_norm=None, attn_scale=None,
                  attn_softcap=None, final_softcap=None, embedding_scale=None, lm_head_bias=False,
                  rotary_interleaved=False, position_offset=0, block_windows=None, token_windows=None,
-                 local_rope=None, embedder_layers=0, embedder_windows=None, embedder_sink=False, **kwargs):
+                 local_rope=None, embedder_layers=0, embedder_windows=None, embedder_sink=False,
+                 local_token_inputs=False, **kwargs):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -84,6 +85,7 @@ class BlockTransformerConfig(PretrainedConfig):
         self.embedder_layers = embedder_layers  # the original's lowest layers run inside each block by the embedder
         self.embedder_windows = embedder_windows  # their sliding windows (tokens), as for the two decoders
         self.embedder_sink = embedder_sink      # a learned vector at local position 0, before the block's tokens
+        self.local_token_inputs = local_token_inputs  # token decoder's inputs add a map of the embedder's local states
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
@@ -106,12 +108,16 @@ class Embedder(nn.Module):
         self.proj = nn.Linear(cfg.block_length * cfg.hidden_size, cfg.hidden_size)
         self.scale = cfg.embedding_scale
 
-    def forward(self, blocks, block_tok_mask):  # (B, N, L_B) ids and bool mask -> (B, N, D)
+    def forward(self, blocks, block_tok_mask, with_states=False):  # (B, N, L_B) ids and bool mask -> (B, N, D)
+        e = self.states(blocks, block_tok_mask)                                # (B, N, L_B, D)
+        v = self.proj(e.flatten(-2))
+        return (v, e) if with_states else v
+
+    def states(self, blocks, block_tok_mask):  # (B, N, T <= L_B) -> (B, N, T, D): each token's state, pads 0
         e = scaled_lookup(self.embed, blocks, self.scale)
         if self.local is not None:
             e = self.contextualise(e, block_tok_mask)
-        e = e * block_tok_mask[..., None].to(e.dtype)                          # pads enter the projection as 0
-        return self.proj(e.flatten(-2))
+        return e * block_tok_mask[..., None].to(e.dtype)                       # pads enter the projection as 0
 
     def contextualise(self, e, mask):  # (B, N, L_B, D) -> (B, N, L_B, D): the states entering layer k
         B, N, L, D = e.shape
@@ -185,6 +191,9 @@ class TokenDecoder(Stack):
         self.p = cfg.prefix_length
         self.expand = nn.Linear(cfg.hidden_size, self.p * cfg.hidden_size)  # init: stacked identities
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # local token inputs: a token's input adds a linear map of its embedder state (the original's lowest layers
+        # run inside its block, so it knows the block's earlier tokens); init 0: the table-only model at first
+        self.bridge = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False) if cfg.local_token_inputs else None
         self.norm = make_norm(cfg)
         self.scale = cfg.embedding_scale
         self.tables = None  # rope tables and masks of the local window while a generation's caches are set up
@@ -192,15 +201,18 @@ class TokenDecoder(Stack):
     def prefix(self, ctx):  # (..., D) -> (..., p, D)
         return self.expand(ctx).unflatten(-1, (self.p, -1))
 
-    def embed_tokens(self, ids, offset: int):  # ids: (B', T) local ids starting at local position `offset`
+    def embed_tokens(self, ids, offset: int, local=None):  # ids: (B', T) local ids from local position `offset`
         x = scaled_lookup(self.embed, ids, self.scale)
+        if self.bridge is not None:  # local: (B', T, D) the tokens' embedder states
+            x = x + self.bridge(local)
         if self.wpe is not None:  # absolute positions go on token inputs only: prefixes are residual states
             x = x + self.wpe.rows(offset, ids.shape[1])
         return x
 
-    def forward(self, ctx, nxt, nxt_mask):  # ctx: (B, N, D); nxt: (B, N, L_B-1) ids of the next block
-        B, N, D = ctx.shape
-        x = torch.cat([self.prefix(ctx), self.embed_tokens(nxt.flatten(0, 1), self.p).view(B, N, -1, D)], 2)
+    def forward(self, ctx, nxt, nxt_mask, local=None):  # ctx: (B, N, D); nxt: (B, N, L_B-1) ids of the next block
+        B, N, D = ctx.shape                                                   # local: (B, N, L_B-1, D) their states
+        tok = self.embed_tokens(nxt.flatten(0, 1), self.p, None if local is None else local.flatten(0, 1))
+        x = torch.cat([self.prefix(ctx), tok.view(B, N, -1, D)], 2)
         x = x.flatten(0, 1)                                                   # (B*N, p + L_B - 1, D)
         valid = torch.cat([nxt_mask.new_ones(B, N, self.p), nxt_mask], 2).flatten(0, 1)
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
@@ -218,8 +230,9 @@ class TokenDecoder(Stack):
         super().release_cache()
         self.tables = None
 
-    def decode(self, ctx, n_tokens: int, next_token) -> torch.Tensor:
-        """Decode up to L_B tokens from the context embedding (B, D); `next_token(h (B, D)) -> (B,)` picks each."""
+    def decode(self, ctx, n_tokens: int, next_token, local_state=None) -> torch.Tensor:
+        """Decode up to L_B tokens from the context embedding (B, D); `next_token(h (B, D)) -> (B,)` picks each;
+        with local token inputs `local_state(block's tokens so far (B, k)) -> (B, 1, D)` gives the last one's state."""
         ropes, masks = self.tables
         x, toks, t = self.prefix(ctx), [], 0                                  # (B, p, D)
         for k in range(n_tokens):
@@ -235,7 +248,7 @@ class TokenDecoder(Stack):
             toks.append(next_token(self.norm(x[:, -1])))                      # (B,)
             t += T
             if k + 1 < n_tokens:
-                x = self.embed_tokens(toks[-1][:, None], t)
+                x = self.embed_tokens(toks[-1][:, None], t, None if self.bridge is None else local_state(torch.stack(toks, 1)))
         return torch.stack(toks, 1)                                           # (B, n_tokens)
 
 
@@ -256,6 +269,8 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         self.post_init()
         init_mean_projection(self.embedder)  # after post_init, which would overwrite them with noise
         init_identity_expansion(self.token_decoder)
+        if self.token_decoder.bridge is not None:  # 0: the same model as without local inputs until trained
+            nn.init.zeros_(self.token_decoder.bridge.weight)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Batched generation (greedy or sampling); see `blockformer.generate.generate` for the options."""
@@ -296,7 +311,10 @@ class BlockTransformerForCausalLM(PreTrainedModel):
 
     def decode_block(self, ctx, n_tokens: int, pick) -> torch.Tensor:
         """The next block's first `n_tokens` tokens (B, n) from its context (B, D); `pick(logits (B, V)) -> (B,)`."""
-        return self.token_decoder.decode(ctx, n_tokens, lambda h: pick(self.logits(h)))
+        return self.token_decoder.decode(ctx, n_tokens, lambda h: pick(self.logits(h)), self.last_local_state)
+
+    def last_local_state(self, toks):  # (B, k) the block's tokens so far -> (B, 1, D): the last one's local state
+        return self.embedder.states(toks[:, None], torch.ones_like(toks[:, None], dtype=torch.bool))[:, 0, -1:]
 
     def choices_hidden(self, ctx, cmask, conts, xmask):
         """Scoring several continuations of one context (anchored on its last token): the context runs once.
@@ -319,7 +337,8 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         ctxs = torch.cat([last, e[:, Nc:].unflatten(1, (n, K - 1))], 2)                 # (B, n, K, D)
         sel = xbm[..., 0]                                 # (B, n, K): blocks that hold scored tokens, no padding
         td, h = self.token_decoder, ctxs.new_zeros(B, n, K, L, ctxs.shape[-1])
-        h[sel] = td.norm(td(ctxs[sel][None], xb[..., :-1][sel][None], xbm[..., :-1][sel][None])[0])
+        loc = None if td.bridge is None else self.embedder.states(xb[sel][None], xbm[sel][None])[..., :-1, :]
+        h[sel] = td.norm(td(ctxs[sel][None], xb[..., :-1][sel][None], xbm[..., :-1][sel][None], loc)[0])
         return h.flatten(2, 3)                                                        # (B, n, K*L_B, D)
 
     def get_input_embeddings(self):
@@ -385,18 +404,23 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         ids, tmask, shift = align_to_blocks(input_ids, mask, L, anchor)
         blocks, bmask = ids.unflatten(1, (-1, L)), tmask.unflatten(1, (-1, L))      # (B, N, L_B)
-        ctx = self.block_decoder(self.embedder(blocks, bmask), bmask.any(-1))        # (B, N, D)
+        vec, states = self.embedder(blocks, bmask, with_states=True)                  # (B, N, D), (B, N, L_B, D)
+        ctx = self.block_decoder(vec, bmask.any(-1))                                 # (B, N, D)
         nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
         nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
+        loc = None  # local token inputs: the next block's first L_B - 1 states, as the embedder computed them
+        if self.token_decoder.bridge is not None:
+            loc = torch.cat([states[:, 1:], torch.zeros_like(states[:, :1])], 1)[..., : L - 1, :]
         idx = prediction_slots(input_ids.shape[1], shift, L)
         if need is None:
-            h = self.token_decoder(ctx, nxt, nxt_mask)                                # (B, N, L_B, D)
+            h = self.token_decoder(ctx, nxt, nxt_mask, loc)                           # (B, N, L_B, D)
         else:
             sel = torch.zeros(ctx.shape[:2], dtype=torch.bool, device=ctx.device)     # (B, N) blocks to decode
             rows = torch.arange(len(idx), device=idx.device)[:, None].expand_as(idx)
             sel[rows[need], idx[need] // L] = True
             h = ctx.new_zeros(*ctx.shape[:2], L, ctx.shape[-1])
-            h[sel] = self.token_decoder(ctx[sel][None], nxt[sel][None], nxt_mask[sel][None])[0]
+            h[sel] = self.token_decoder(ctx[sel][None], nxt[sel][None], nxt_mask[sel][None],
+                                        None if loc is None else loc[sel][None])[0]
         h = h.flatten(1, 2)                                                           # (B, N*L_B, D)
         h = self.token_decoder.norm(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))  # (B, T, D)
         return (h, ctx, shift) if with_context else h

@@ -184,3 +184,105 @@ def test_the_probe_predicts_the_model_it_stands_for(tiny_dirs, tmp_path):
     want = res["local"]["model"]["per_position"]
     assert res["plain"]["local 2/4 sink none"]["per_position"] == pytest.approx(want, abs=1e-4)
     assert res["plain"]["model"]["per_position"] != pytest.approx(want, abs=1e-3)
+
+
+# ------------------------------------------------------------------ --local-token-inputs: the bridge
+@pytest.fixture
+def bridged(tiny_dirs, family, tmp_path):
+    """The local fixture's layout, plus token-decoder inputs that read the embedder's states (bridge perturbed)."""
+    return perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "lb", block_length=4, block_layers=3,
+                                          embedder_layers=2, embedder_sink=True, local_token_inputs=True))
+
+
+@torch.no_grad()
+def test_bridge_is_zero_after_a_paper_conversion_so_the_model_is_unchanged(tiny_dirs, tmp_path):
+    kw = dict(block_length=4, block_layers=3, embedder_layers=2, embedder_sink=True)
+    plain = convert_tiny(tiny_dirs["llama"], tmp_path / "p", **kw)
+    bridged = convert_tiny(tiny_dirs["llama"], tmp_path / "b", local_token_inputs=True, **kw)
+    assert torch.count_nonzero(bridged.token_decoder.bridge.weight) == 0
+    x = ids(T=15)
+    assert torch.equal(bridged(x).logits, plain(x).logits)
+
+
+@torch.no_grad()
+def test_bridge_reads_the_next_blocks_own_states(bridged):
+    """Token decoder inputs for block i+1 add bridge(the embedder's states of block i+1's tokens): computed by hand."""
+    x = ids(T=12)                                                     # anchor first: 3 pads, then blocks of 4
+    blocks = torch.cat([torch.zeros(1, 3, dtype=torch.long), x, torch.zeros(1, 1, dtype=torch.long)], 1).view(1, 4, 4)
+    bmask = torch.cat([torch.zeros(1, 3), torch.ones(1, 12), torch.zeros(1, 1)], 1).bool().view(1, 4, 4)
+    vec, states = bridged.embedder(blocks, bmask, with_states=True)
+    ctx = bridged.block_decoder(vec, bmask.any(-1))
+    td = bridged.token_decoder
+    h = td(ctx[:, 1:2], blocks[:, 2:3, :3], bmask[:, 2:3, :3], states[:, 2:3, :3])   # block 2 from context 1
+    want = bridged.logits(td.norm(h[0, 0]))                           # predicts x[5 .. 8]: positions 4 .. 7
+    assert_close(bridged(x).logits[0, 4:8], want, rtol=1e-5, atol=1e-5)
+    zero = torch.zeros_like(states[:, 2:3, :3])
+    assert not torch.allclose(td(ctx[:, 1:2], blocks[:, 2:3, :3], bmask[:, 2:3, :3], zero), h, atol=1e-4)
+
+
+@torch.no_grad()
+def test_causal_padding_and_generation_with_the_bridge(bridged):
+    assert_causal(bridged, ids(T=14), (0, 2, 5, 8, 12))
+    x = ids(T=10)
+    for pad in (1, 3):
+        padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), x], 1)
+        mask = torch.cat([torch.zeros(1, pad), torch.ones(1, 10)], 1).long()
+        assert_close(bridged(padded, attention_mask=mask).logits[0, pad:], bridged(x).logits[0], rtol=1e-5, atol=1e-5)
+    for n in (1, 6):
+        prompt = ids(T=n, seed=n)
+        assert torch.equal(bridged.generate(prompt, max_new_tokens=10, eos_token_id=None),
+                           argmax_reference(bridged, prompt, 10))
+
+
+@torch.no_grad()
+def test_bridge_saves_and_loads_bit_identical(bridged, tmp_path):
+    bridged.save_pretrained(tmp_path / "s")
+    again = load_block(tmp_path / "s")
+    assert again.config.local_token_inputs
+    x = ids(T=11)
+    assert torch.equal(again(x).logits, bridged(x).logits)
+
+
+def test_scorer_shared_context_path_equals_the_plain_path_with_the_bridge(tiny_dirs, tmp_path):
+    import random
+    from blockformer.eval.scoring import Scorer
+    from tiny import tiny_tokenizer
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4, block_layers=3,
+                                           embedder_layers=2, local_token_inputs=True))
+    rng = random.Random(5)
+    words = lambda k: " ".join(f"w{rng.randrange(4, 90)}" for _ in range(k))  # noqa: E731
+    items = [[(ctx, " " + words(rng.randint(1, 9))) for _ in range(3)] for ctx in (words(rng.randint(9, 30))
+                                                                                 for _ in range(6))]
+    got = [r for item in Scorer(model, tiny_tokenizer(), batch_tokens=400).loglikelihood_choices(items) for r in item]
+    want = Scorer(model, tiny_tokenizer(), batch_tokens=96).loglikelihood([p for it in items for p in it])
+    assert_close(torch.tensor([r[0] for r in got]), torch.tensor([r[0] for r in want]), rtol=1e-5, atol=1e-4)
+
+
+@torch.no_grad()
+def test_contextual_init_fits_the_bridge_to_the_originals_split_states(tiny_dirs, tmp_path):
+    """The fit removes the share of the table's squared error that it reports, measured here by hand."""
+    from blockformer.convert.contextual import calibration_rows
+    from tiny import tiny_tokenizer
+    kw = dict(block_length=4, block_layers=3, embedder_layers=2, embedder_sink=True, init="contextual",
+              calib_tokens=512)
+    data = tmp_path / "calib.txt"
+    rng = torch.Generator().manual_seed(0)
+    data.write_text(" ".join(f"w{int(i)}" for i in torch.randint(4, 90, (3000,), generator=rng)))
+    m = convert_tiny(tiny_dirs["llama"], tmp_path / "b", local_token_inputs=True, calib_data=str(data), **kw)
+    share = m.config.provenance["init"]["bridge_error_removed"]
+    assert 0.05 < share < 1
+    original = load_original(tiny_dirs["llama"])
+    rows = calibration_rows(tiny_tokenizer(), str(data), 512, min(512, original.config.max_position_embeddings))
+    h = original(rows, output_hidden_states=True).hidden_states[3]   # entering layer 3
+    blocks = rows.view(len(rows), -1, 4)
+    st = m.embedder.states(blocks, torch.ones_like(blocks, dtype=torch.bool))[:, :, :3]
+    table = scaled_lookup(m.token_decoder.embed, blocks[:, :, :3], m.token_decoder.scale)
+    target = h.view(len(rows), -1, 4, h.shape[-1])[:, :, :3]
+    err = lambda pred: (pred - target).flatten(0, 2)[1:].pow(2).sum()  # noqa: E731
+    assert_close(1 - err(table + m.token_decoder.bridge(st)) / err(table), torch.tensor(share, dtype=torch.float64).float(),
+                 rtol=1e-3, atol=1e-3)
+
+
+def test_local_token_inputs_need_local_layers(tiny_dirs, tmp_path):
+    with pytest.raises(BlockformerError, match="needs --embedder-layers"):
+        convert_tiny(tiny_dirs["llama"], tmp_path / "s", local_token_inputs=True)

@@ -97,6 +97,9 @@ def perturb_new_parts(model, scale=0.3):
         for m in (model.embedder.proj, model.token_decoder.expand):
             m.weight.add_(torch.randn_like(m.weight) * scale / m.weight.shape[1] ** 0.5)
             m.bias.add_(torch.randn_like(m.bias) * 0.1)
+        if model.token_decoder.bridge is not None:  # local token inputs: 0 at init would test nothing
+            w = model.token_decoder.bridge.weight
+            w.add_(torch.randn_like(w) * scale / w.shape[1] ** 0.5)
     return model
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BlockformerError
 from ..families import Family
+from ..model import scaled_lookup
 
 INITS = ("paper", "contextual")
 
@@ -38,6 +39,7 @@ class SplitStats:
     counts: torch.Tensor    # (V,) float64: occurrences per token id
     first: torch.Tensor     # (D,) float64: mean hidden state at position 0 (the attention sink)
     tokens: int
+    states: torch.Tensor | None = None  # (rows, T, D) float32: every state, when kept (to fit the bridge)
 
 
 def read_calibration(data: str) -> list[str]:
@@ -74,7 +76,7 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def split_stats(original, fam: Family, layer: int, rows: torch.Tensor, batch: int = 4) -> SplitStats:
+def split_stats(original, fam: Family, layer: int, rows: torch.Tensor, batch: int = 4, keep: bool = False) -> SplitStats:
     """Per-token sums of the original's hidden state entering layer `layer` (the token decoder's first layer).
 
     Each pass stops at that layer: the layers above cannot change their own input, and skipping them halves the
@@ -83,7 +85,7 @@ def split_stats(original, fam: Family, layer: int, rows: torch.Tensor, batch: in
     D, V = original.get_input_embeddings().weight.shape[1], original.get_input_embeddings().weight.shape[0]
     sums, counts = torch.zeros(V, D, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
     first = torch.zeros(D, dtype=torch.float64)
-    got = {}
+    got, kept = {}, []
 
     def grab(module, args, kwargs):  # record the layer's input, then end the pass: later layers are not needed
         got["h"] = args[0] if args else kwargs["hidden_states"]
@@ -100,9 +102,11 @@ def split_stats(original, fam: Family, layer: int, rows: torch.Tensor, batch: in
             sums.index_add_(0, x.flatten(), h.flatten(0, 1))
             counts.index_add_(0, x.flatten(), torch.ones(x.numel(), dtype=torch.float64))
             first += h[:, 0].sum(0)
+            if keep:
+                kept.append(h.float())
     finally:
         hook.remove()
-    return SplitStats(sums, counts, first / rows.shape[0], rows.numel())
+    return SplitStats(sums, counts, first / rows.shape[0], rows.numel(), torch.cat(kept) if keep else None)
 
 
 class _Stop(Exception):
@@ -148,6 +152,32 @@ def apply_contextual(model, stats: SplitStats, embedder_mix: float = 0.0) -> Non
     proj.bias.zero_()
 
 
+@torch.no_grad()
+def fit_bridge(model, rows: torch.Tensor, states: torch.Tensor, batch: int = 4) -> float:
+    """Local token inputs: fit the bridge (ridge regression) so that table entry + bridge(local state) is closest to
+    the original's split-layer state, over the calibration tokens cut into blocks from position 0 (the row's first
+    token, the attention sink, left out). Returns the share of the table's squared error that the fit removes."""
+    td, L, D = model.token_decoder, model.config.block_length, model.config.hidden_size
+    n = (rows.shape[1] // L) * L
+    gram, cross = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
+    err, ys = 0.0, []
+    for x, h in zip(rows[:, :n].split(batch), states[:, :n].split(batch)):
+        blocks = x.unflatten(1, (-1, L))                                            # (b, N, L_B)
+        X = model.embedder.states(blocks, torch.ones_like(blocks, dtype=torch.bool))[:, :, :-1]   # inputs only
+        Y = h.unflatten(1, (-1, L))[:, :, :-1].to(X.dtype) - scaled_lookup(td.embed, blocks[:, :, :-1], td.scale)
+        X, Y = X.flatten(0, 2)[1:].double(), Y.flatten(0, 2)[1:].double()       # drop the very first token
+        gram += X.T @ X
+        cross += X.T @ Y
+        ys.append(Y)
+    W = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(D, dtype=gram.dtype), cross)  # (D, D)
+    Y = torch.cat(ys)
+    before = Y.pow(2).sum()
+    # residual after the fit, from the normal equations: |Y|^2 - 2 tr(W' X'Y) + tr(W' X'X W)
+    after = before - 2 * (W * cross).sum() + (W * (gram @ W)).sum()
+    td.bridge.weight.copy_(W.T.to(td.bridge.weight.dtype))
+    return float(1 - after / before)
+
+
 def contextual_init(model, original, fam: Family, tokenizer, data: str, docs: list[str], n_tokens: int,
                     seq_len: int = 512, embedder_mix: float = 0.0) -> dict:
     """Calibrate on `docs` (read from `data`) and apply; returns what the conversion records in its summary."""
@@ -156,7 +186,9 @@ def contextual_init(model, original, fam: Family, tokenizer, data: str, docs: li
         raise BlockformerError("--init contextual needs at least one layer in the token decoder")
     seq_len = min(seq_len, getattr(original.config, "max_position_embeddings", seq_len) or seq_len)
     rows = calibration_rows(tokenizer, docs, n_tokens, seq_len)
-    stats = split_stats(original, fam, first_token_layer[0], rows)
+    bridge = model.token_decoder.bridge is not None
+    stats = split_stats(original, fam, first_token_layer[0], rows, keep=bridge)
     apply_contextual(model, stats, embedder_mix)
-    return {"init": "contextual", "calib_data": data, "calib_tokens": stats.tokens, "embedder_mix": embedder_mix,
+    extra = {"bridge_error_removed": round(fit_bridge(model, rows, stats.states), 4)} if bridge else {}
+    return {**extra, "init": "contextual", "calib_data": data, "calib_tokens": stats.tokens, "embedder_mix": embedder_mix,
             "calib_distinct_tokens": int((stats.counts > 0).sum()), "split_layer": first_token_layer[0]}

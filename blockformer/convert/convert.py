@@ -49,6 +49,7 @@ class ConvertConfig:
     embedder_mix: float = 0.0        # --init contextual: weight of the block's other tokens in the embedder (last: 1)
     embedder_layers: int = 0         # the original's lowest layers, run inside each block by the embedder
     embedder_sink: bool = False      # --embedder-layers: a learned vector (init: BOS) opens each block's window
+    local_token_inputs: bool = False  # --embedder-layers: token-decoder inputs add a map of the embedder's states
 
     def check(self) -> None:
         """Value checks, no I/O: run by `validate` and by recipes (so the CLI and YAML share them)."""
@@ -73,6 +74,9 @@ class ConvertConfig:
                                    f"got {self.max_shard_size!r}")
         if self.embedder_sink and not self.embedder_layers:
             raise BlockformerError("--embedder-sink opens the embedder's local layers; it needs --embedder-layers 1 or more")
+        if self.local_token_inputs and not self.embedder_layers:
+            raise BlockformerError("--local-token-inputs reads the embedder's local layers; it needs --embedder-layers "
+                                   "1 or more")
 
 
 def layer_count(n: int, block_layers: float | None) -> int | None:
@@ -234,7 +238,7 @@ def block_config(cfg: ConvertConfig, hf_cfg, arch: dict, src, block_src, token_s
     return BlockTransformerConfig(
         vocab_size=hf_cfg.vocab_size, block_length=cfg.block_length, prefix_length=cfg.prefix_length,
         num_block_layers=len(block_src), num_token_layers=len(token_src), embedder_layers=len(local_src),
-        embedder_sink=cfg.embedder_sink,
+        embedder_sink=cfg.embedder_sink, local_token_inputs=cfg.local_token_inputs,
         base_config=base,
         tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
         bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
@@ -272,7 +276,7 @@ def build_block_model(original, fam: Family, config, arch, block_src, token_src,
     model = BlockTransformerForCausalLM(config).to(dtype)  # new parts get the paper's init in __init__
     missing, unexpected = model.load_state_dict(ours, strict=False)
     new_parts = {"embedder.proj.weight", "embedder.proj.bias", "token_decoder.expand.weight",
-                 "token_decoder.expand.bias"}
+                 "token_decoder.expand.bias", "token_decoder.bridge.weight"}
     if unexpected or set(missing) - new_parts:
         raise BlockformerError(f"weight mapping mismatch: missing {sorted(set(missing) - new_parts)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]}")

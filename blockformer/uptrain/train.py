@@ -117,7 +117,8 @@ def prepare_trainable(model, cfg: UptrainConfig):
                           target_modules=r".*(decoder|embedder\.local)\.layers\.\d+\.(attn\.[qkvo]|mlp\.(gate|up|down))")
         model = get_peft_model(model, lcfg)
         for name, p in model.named_parameters():
-            if any(part in name for part in ("embedder.proj", "embedder.sink", "token_decoder.expand")):
+            if any(part in name for part in ("embedder.proj", "embedder.sink", "token_decoder.expand",
+                                                       "token_decoder.bridge")):
                 p.requires_grad_(True)  # the new parts have no pretrained value: train them fully
     for part in cfg.freeze:
         hit = [p for name, p in model.named_parameters() if f"{part}." in name]
