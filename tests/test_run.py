@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory):
 
 def tiny_recipe(path: Path, src, data_dir, **changes) -> Path:
     r = {"source": str(src), "out": str(path.parent / "run"), "data_dir": str(data_dir),
-         "convert": {"block_length": 4},
+         "convert": {"block_length": 4, "embedder_layers": 2},  # the recipe's 4 would leave the tiny model none
          "uptrain": {"data": "corpus", "seq_len": 32, "batch_size": 2, "max_tokens": None, "max_steps": 4,
                      "save_every": 2, "eval_every": 2, "warmup_steps": 1, "lr": 1e-3, "val_rows": 4},
          "eval": {"tasks": ["piqa", "arc_easy", "lambada_openai"], "limit": 6},
