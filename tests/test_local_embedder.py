@@ -16,11 +16,12 @@ def ids(B=1, T=13, seed=0):
     return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def local(tiny_dirs, family, tmp_path):
-    """4 tiny layers: the embedder runs layers 0-1 per block, the block decoder 2, the token decoder 3."""
+@pytest.fixture(params=[False, True], ids=["table", "bridge"])
+def local(tiny_dirs, family, tmp_path, request):
+    """4 tiny layers: the embedder runs layers 0-1 per block, the block decoder 2, the token decoder 3; with and
+    without local token inputs (the bridge, perturbed away from 0 so that it counts)."""
     return perturb_new_parts(convert_tiny(tiny_dirs[family], tmp_path / "b", block_length=4, block_layers=3,
-                                          embedder_layers=2))
+                                          embedder_layers=2, local_token_inputs=request.param))
 
 
 @torch.no_grad()
@@ -68,6 +69,7 @@ def test_local_layers_save_and_load_bit_identical(local, tmp_path):
     local.save_pretrained(tmp_path / "s")
     again = load_block(tmp_path / "s")
     assert again.config.embedder_layers == 2
+    assert again.config.local_token_inputs == local.config.local_token_inputs
     x = ids(T=11)
     assert torch.equal(again(x).logits, local(x).logits)
 
@@ -97,14 +99,15 @@ def test_cost_model_charges_the_local_layers(local):
     assert a["block_s"] > b["block_s"]
 
 
-def test_scorer_shared_context_path_equals_the_plain_path_with_local_layers(tiny_dirs, tmp_path, monkeypatch):
-    """Multiple-choice scoring runs each context once through the tree mask; with the embedder's local layers it
-    must still score what one plain forward per choice does."""
+@pytest.mark.parametrize("bridge", [False, True])
+def test_scorer_shared_context_path_equals_the_plain_path_with_local_layers(tiny_dirs, tmp_path, monkeypatch, bridge):
+    """Multiple-choice scoring runs each context once through the tree mask; with the embedder's local layers (and
+    local token inputs) it must still score what one plain forward per choice does."""
     import random
     from blockformer.eval.scoring import Scorer
     from tiny import tiny_tokenizer
     model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4, block_layers=3,
-                                           embedder_layers=2))
+                                           embedder_layers=2, local_token_inputs=bridge))
     rng = random.Random(3)
     words = lambda k: " ".join(f"w{rng.randrange(4, 90)}" for _ in range(k))  # noqa: E731
     items = [[(ctx, " " + words(rng.randint(1, 9))) for _ in range(n)]
@@ -220,42 +223,12 @@ def test_bridge_reads_the_next_blocks_own_states(bridged):
     assert not torch.allclose(td(ctx[:, 1:2], blocks[:, 2:3, :3], bmask[:, 2:3, :3], zero), h, atol=1e-4)
 
 
-@torch.no_grad()
-def test_causal_padding_and_generation_with_the_bridge(bridged):
-    assert_causal(bridged, ids(T=14), (0, 2, 5, 8, 12))
-    x = ids(T=10)
-    for pad in (1, 3):
-        padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), x], 1)
-        mask = torch.cat([torch.zeros(1, pad), torch.ones(1, 10)], 1).long()
-        assert_close(bridged(padded, attention_mask=mask).logits[0, pad:], bridged(x).logits[0], rtol=1e-5, atol=1e-5)
-    for n in (1, 6):
-        prompt = ids(T=n, seed=n)
-        assert torch.equal(bridged.generate(prompt, max_new_tokens=10, eos_token_id=None),
-                           argmax_reference(bridged, prompt, 10))
-
-
-@torch.no_grad()
-def test_bridge_saves_and_loads_bit_identical(bridged, tmp_path):
-    bridged.save_pretrained(tmp_path / "s")
-    again = load_block(tmp_path / "s")
-    assert again.config.local_token_inputs
-    x = ids(T=11)
-    assert torch.equal(again(x).logits, bridged(x).logits)
-
-
-def test_scorer_shared_context_path_equals_the_plain_path_with_the_bridge(tiny_dirs, tmp_path):
-    import random
-    from blockformer.eval.scoring import Scorer
-    from tiny import tiny_tokenizer
-    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=4, block_layers=3,
-                                           embedder_layers=2, local_token_inputs=True))
-    rng = random.Random(5)
-    words = lambda k: " ".join(f"w{rng.randrange(4, 90)}" for _ in range(k))  # noqa: E731
-    items = [[(ctx, " " + words(rng.randint(1, 9))) for _ in range(3)] for ctx in (words(rng.randint(9, 30))
-                                                                                 for _ in range(6))]
-    got = [r for item in Scorer(model, tiny_tokenizer(), batch_tokens=400).loglikelihood_choices(items) for r in item]
-    want = Scorer(model, tiny_tokenizer(), batch_tokens=96).loglikelihood([p for it in items for p in it])
-    assert_close(torch.tensor([r[0] for r in got]), torch.tensor([r[0] for r in want]), rtol=1e-5, atol=1e-4)
+def test_cost_model_charges_the_bridge_per_decoded_token_only(bridged):
+    """Local token inputs rerun the local layers at each decoding step: dearer decoding, the same prefill."""
+    c = bridged.config
+    plain = type(c).from_dict({**c.to_dict(), "local_token_inputs": False})
+    assert predict(c, 512, 64, 4, 4, 1e11, 1e10)["block_s"] > predict(plain, 512, 64, 4, 4, 1e11, 1e10)["block_s"]
+    assert predict(c, 512, 0, 4, 4, 1e11, 1e10)["block_s"] == predict(plain, 512, 0, 4, 4, 1e11, 1e10)["block_s"]
 
 
 @torch.no_grad()
