@@ -248,7 +248,8 @@ class TokenDecoder(Stack):
             toks.append(next_token(self.norm(x[:, -1])))                      # (B,)
             t += T
             if k + 1 < n_tokens:
-                x = self.embed_tokens(toks[-1][:, None], t, None if self.bridge is None else local_state(torch.stack(toks, 1)))
+                loc = None if self.bridge is None else local_state(torch.stack(toks, 1))   # (B, 1, D)
+                x = self.embed_tokens(toks[-1][:, None], t, loc)
         return torch.stack(toks, 1)                                           # (B, n_tokens)
 
 

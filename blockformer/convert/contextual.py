@@ -76,7 +76,8 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def split_stats(original, fam: Family, layer: int, rows: torch.Tensor, batch: int = 4, keep: bool = False) -> SplitStats:
+def split_stats(original, fam: Family, layer: int, rows: torch.Tensor, batch: int = 4,
+                keep: bool = False) -> SplitStats:
     """Per-token sums of the original's hidden state entering layer `layer` (the token decoder's first layer).
 
     Each pass stops at that layer: the layers above cannot change their own input, and skipping them halves the
@@ -156,22 +157,20 @@ def apply_contextual(model, stats: SplitStats, embedder_mix: float = 0.0) -> Non
 def fit_bridge(model, rows: torch.Tensor, states: torch.Tensor, batch: int = 4) -> float:
     """Local token inputs: fit the bridge (ridge regression) so that table entry + bridge(local state) is closest to
     the original's split-layer state, over the calibration tokens cut into blocks from position 0 (the row's first
-    token, the attention sink, left out). Returns the share of the table's squared error that the fit removes."""
+    token, the attention sink, left out of each row). Returns the share of the table's squared error it removes."""
     td, L, D = model.token_decoder, model.config.block_length, model.config.hidden_size
     n = (rows.shape[1] // L) * L
     gram, cross = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
-    err, ys = 0.0, []
+    before = torch.zeros((), dtype=torch.float64)
     for x, h in zip(rows[:, :n].split(batch), states[:, :n].split(batch)):
         blocks = x.unflatten(1, (-1, L))                                            # (b, N, L_B)
         X = model.embedder.states(blocks, torch.ones_like(blocks, dtype=torch.bool))[:, :, :-1]   # inputs only
         Y = h.unflatten(1, (-1, L))[:, :, :-1].to(X.dtype) - scaled_lookup(td.embed, blocks[:, :, :-1], td.scale)
-        X, Y = X.flatten(0, 2)[1:].double(), Y.flatten(0, 2)[1:].double()       # drop the very first token
+        X, Y = (t.flatten(1, 2)[:, 1:].flatten(0, 1).double() for t in (X, Y))  # (b * (N(L_B-1) - 1), D)
         gram += X.T @ X
         cross += X.T @ Y
-        ys.append(Y)
+        before += Y.pow(2).sum()
     W = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(D, dtype=gram.dtype), cross)  # (D, D)
-    Y = torch.cat(ys)
-    before = Y.pow(2).sum()
     # residual after the fit, from the normal equations: |Y|^2 - 2 tr(W' X'Y) + tr(W' X'X W)
     after = before - 2 * (W * cross).sum() + (W * (gram @ W)).sum()
     td.bridge.weight.copy_(W.T.to(td.bridge.weight.dtype))
@@ -190,5 +189,6 @@ def contextual_init(model, original, fam: Family, tokenizer, data: str, docs: li
     stats = split_stats(original, fam, first_token_layer[0], rows, keep=bridge)
     apply_contextual(model, stats, embedder_mix)
     extra = {"bridge_error_removed": round(fit_bridge(model, rows, stats.states), 4)} if bridge else {}
-    return {**extra, "init": "contextual", "calib_data": data, "calib_tokens": stats.tokens, "embedder_mix": embedder_mix,
+    return {**extra, "init": "contextual", "calib_data": data, "calib_tokens": stats.tokens,
+            "embedder_mix": embedder_mix,
             "calib_distinct_tokens": int((stats.counts > 0).sum()), "split_layer": first_token_layer[0]}
