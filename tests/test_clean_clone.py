@@ -24,6 +24,7 @@ def tiny_recipe(path: Path, model: Path) -> Path:
     """The default recipe's data names (no data_dir, uptrain.data corpus/gutenberg), a tiny model and budget."""
     path.write_text(yaml.safe_dump({
         "source": str(model), "out": "runs/tiny",
+        "convert": {"embedder_layers": 2},  # the recipe's 4 would leave the tiny 4-layer model's block decoder none
         "uptrain": {"data": "corpus/gutenberg", "max_docs": 1, "teacher": None, "seq_len": 32, "batch_size": 2,
                     "max_tokens": None, "max_steps": 2, "warmup_steps": 1, "eval_every": 2, "save_every": 2,
                     "val_rows": 2},
