@@ -92,8 +92,7 @@ def predict(cfg_block, P: int, G: int, B: int, bytes_el: int, peak_flops: float,
                  + t(loc, w, w / 2, 0)                                      # the finished block's local layers
                  + t(td, p, p / 2, head)                                    # prefix -> first token
                  + (L - 1) * t(td, 1, p + L / 2, head))                     # the block's other tokens
-    if getattr(c, "local_token_inputs", False):  # each decoded token's input reruns the local layers on its block
-        # so far (and the bridge); older configs lack the field
+    if c.local_token_inputs:  # each decoded token's input reruns the local layers on its block so far (+ bridge)
         per_block += sum(t(loc, j + c.embedder_sink, (j + c.embedder_sink) / 2, c.hidden_size ** 2)
                          for j in range(1, L))
     block += per_block * G / L

@@ -407,11 +407,10 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         blocks, bmask = ids.unflatten(1, (-1, L)), tmask.unflatten(1, (-1, L))      # (B, N, L_B)
         vec, states = self.embedder(blocks, bmask, with_states=True)                  # (B, N, D), (B, N, L_B, D)
         ctx = self.block_decoder(vec, bmask.any(-1))                                 # (B, N, D)
-        nxt = torch.cat([blocks[:, 1:], torch.zeros_like(blocks[:, :1])], 1)[..., : L - 1]
-        nxt_mask = torch.cat([bmask[:, 1:], torch.zeros_like(bmask[:, :1])], 1)[..., : L - 1]
-        loc = None  # local token inputs: the next block's first L_B - 1 states, as the embedder computed them
-        if self.token_decoder.bridge is not None:
-            loc = torch.cat([states[:, 1:], torch.zeros_like(states[:, :1])], 1)[..., : L - 1, :]
+        # block j's token decoder reads the first L_B - 1 tokens of block j+1 (the last block: none, all padding)
+        nxt_of = lambda t: torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], 1)[:, :, : L - 1]  # noqa: E731
+        nxt, nxt_mask = nxt_of(blocks), nxt_of(bmask)
+        loc = None if self.token_decoder.bridge is None else nxt_of(states)  # their local states, as embedded
         idx = prediction_slots(input_ids.shape[1], shift, L)
         if need is None:
             h = self.token_decoder(ctx, nxt, nxt_mask, loc)                           # (B, N, L_B, D)

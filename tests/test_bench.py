@@ -116,7 +116,7 @@ def test_cost_model_matches_a_hand_computation(k, rates, want):
     from types import SimpleNamespace
     cfg = SimpleNamespace(hidden_size=2, intermediate_size=4, num_attention_heads=1, num_key_value_heads=1,
                           head_dim=2, vocab_size=10, block_length=2, prefix_length=1, num_block_layers=1,
-                          num_token_layers=1, embedder_layers=k, embedder_sink=bool(k))
+                          num_token_layers=1, embedder_layers=k, embedder_sink=bool(k), local_token_inputs=False)
     got = costs.predict(cfg, 4, 2, 1, 1, *rates)
     assert (got["original_s"], got["block_s"]) == pytest.approx(want, rel=1e-12)
     assert got["speedup"] == pytest.approx(want[0] / want[1], rel=1e-12)
