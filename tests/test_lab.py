@@ -72,6 +72,16 @@ def test_lab_resumed_skips_every_stage_and_redoes_only_a_missing_one(lab):
     assert third["table"]["main"]["ce"]["b25"] == pytest.approx(first["table"]["main"]["ce"]["b25"], abs=1e-6)
 
 
+def test_lab_extended_with_another_method_runs_only_its_stages(lab):
+    cfg, first = lab
+    more = run_lab(preset("micro", cfg.out, threads=1, methods=("ce", "staged_kd", "kd")))
+    ran = sorted(k for k, v in more["stages"].items() if v == "ran")
+    assert ran == ["up-kd-b25-s0", "up-kd-b5-s0", "up-kd-b5-s1"]
+    assert more["table"]["main"]["ce"] == first["table"]["main"]["ce"] and "kd" in more["table"]["main"]
+    for k in ran:  # the folder is left as the fixture made it for the other tests
+        (cfg.out / "stages" / f"{k}.json").unlink()
+
+
 def test_lab_refuses_a_folder_with_other_options_or_of_another_kind(lab, tmp_path):
     cfg, _ = lab
     with pytest.raises(BlockformerError, match="other options"):
@@ -90,3 +100,59 @@ def test_lab_cli_bad_options_are_one_line_errors(tmp_path, capsys, args, message
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "lab").exists()
+
+
+def test_spread_projection_keeps_a_mean_a_mean_and_maps_slots_by_hand():
+    import torch
+    from blockformer.lab.progressive import spread_projection
+    D = 3
+    eye = torch.eye(D)
+    torch.testing.assert_close(spread_projection(torch.cat([eye / 2] * 2, 1), 2, 4), torch.cat([eye / 4] * 4, 1))
+    w = torch.randn(D, 2 * D)
+    a, b = w[:, :D], w[:, D:]
+    torch.testing.assert_close(spread_projection(w, 2, 4), torch.cat([a / 2, a / 2, b / 2, b / 2], 1))
+
+
+def test_reblocking_a_block_length_1_conversion_gives_the_block_length_4_conversion(tiny_dirs, tmp_path):
+    """The paper's init at L_B = 1, re-blocked to 4, is the paper's init at 4: every weight equal."""
+    import torch
+    from safetensors.torch import load_file
+    from blockformer.convert import ConvertConfig, convert
+    from blockformer.lab.progressive import reblock
+    from blockformer.model import BlockTransformerConfig
+    convert(ConvertConfig(str(tiny_dirs["llama"]), tmp_path / "l1", block_length=1))
+    convert(ConvertConfig(str(tiny_dirs["llama"]), tmp_path / "l4", block_length=4))
+    reblock(tmp_path / "l1", tmp_path / "re", 4)
+    got, want = load_file(tmp_path / "re" / "model.safetensors"), load_file(tmp_path / "l4" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    conf = BlockTransformerConfig.from_pretrained(tmp_path / "re")
+    assert conf.block_length == 4 and conf.provenance["reblocked_from"] == 1
+    assert (tmp_path / "re" / "tokenizer.json").is_file() or (tmp_path / "re" / "tokenizer_config.json").is_file()
+
+
+def test_progressive_method_trains_each_block_length_and_ends_at_the_labs(lab):
+    import torch
+    from blockformer.lab.config import LabConfig  # noqa: F401 - the preset below checks the step count
+    from blockformer.lab.methods import METHODS, phases
+    from blockformer.model import BlockTransformerConfig
+    cfg, _ = lab
+    more = run_lab(preset("micro", cfg.out, threads=1, methods=("progressive",), budgets=(0.25,), seeds=1))
+    assert more["stages"]["convert-paper-partition-L1"] == "ran" and more["stages"]["up-progressive-b25-s0"] == "ran"
+    root = cfg.out / "uptrain" / "progressive-b25-s0"
+    lengths = [BlockTransformerConfig.from_pretrained(root / f"phase{k}" / "model").block_length for k in (1, 2, 3)]
+    assert lengths == [1, 2, 4]
+    split = phases(cfg, METHODS["progressive"], cfg.budget_tokens(0.25))
+    assert sum(n for n, _ in split) == cfg.budget_tokens(0.25) and len(split) == 3
+    summaries = [json.loads((root / f"phase{k}" / "summary.json").read_text()) for k in (1, 2, 3)]
+    assert [s["tokens"] for s in summaries] == [n for n, _ in split]
+    assert math.isfinite(more["table"]["main"]["progressive"]["b25"])
+    for k in ("convert-paper-partition-L1", "up-progressive-b25-s0"):
+        (cfg.out / "stages" / f"{k}.json").unlink()
+
+
+def test_progressive_method_refuses_a_budget_with_fewer_steps_than_block_lengths(tmp_path):
+    with pytest.raises(BlockformerError, match="needs a step per block length"):
+        run_lab(preset("micro", tmp_path / "lab", methods=("progressive",), budgets=(0.01,)))
+    assert not (tmp_path / "lab").exists()

@@ -70,6 +70,11 @@ class LabConfig:
         if unknown or not self.methods:
             raise BlockformerError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: "
                                    f"{', '.join(METHODS)}")
+        short = [m for m in self.methods if len(_ALL[m].progressive) > self.budget_tokens(min(self.budgets)) //
+                 self.step_tokens]
+        if short:
+            raise BlockformerError(f"{', '.join(short)}: a progressive method needs a step per block length; the "
+                                   f"smallest budget has {self.budget_tokens(min(self.budgets)) // self.step_tokens}")
         if not 0 < self.val_share < 0.5 or not 0 < self.staged_share < 1:
             raise BlockformerError("val_share must be in (0, 0.5) and staged_share in (0, 1)")
 

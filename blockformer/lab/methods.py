@@ -29,6 +29,7 @@ class Method:
     align: bool = False               # + block-decoder alignment to the teacher's split-layer states
     lora: bool = False
     staged: bool = False              # phase 1: decoder layers frozen; phase 2: everything
+    progressive: tuple[int, ...] = ()  # block lengths of successive phases (re-blocked between them), last = lab's
     kd_weight: float | None = None    # None: the lab's kd_weight
     about: str = field(default="", compare=False)
 
@@ -46,11 +47,15 @@ METHODS = {
                                  about="contextual init + pure distillation (no cross-entropy term)"),
     "staged": Method(staged=True, about="staged: decoder layers frozen for staged_share of the budget, then all; CE"),
     "staged_kd": Method(staged=True, kd=True, about="staged schedule + KD"),
+    "progressive": Method(progressive=(1, 2, 4), about="progressive block length 1 -> 2 -> 4 (paper App. B.4), "
+                          "a third of the budget each; CE"),
+    "progressive_kd": Method(progressive=(1, 2, 4), kd=True, about="progressive block length + KD"),
 }
 
 
 def converted_name(m: Method) -> str:
-    return f"{m.init}-{m.layer_map}"
+    """The conversion a method starts from; a progressive one converts at its first block length."""
+    return f"{m.init}-{m.layer_map}" + (f"-L{m.progressive[0]}" if m.progressive else "")
 
 
 def budget_key(share: float) -> str:
@@ -60,6 +65,9 @@ def budget_key(share: float) -> str:
 def phases(cfg, m: Method, tokens: int) -> list[tuple[int, tuple[str, ...]]]:
     """(tokens, frozen parts) per phase."""
     steps = tokens // cfg.step_tokens
+    if m.progressive:  # equal shares of whole steps, the last phase taking the remainder; at least one step each
+        n = len(m.progressive)  # LabConfig.check makes sure there are at least n steps
+        return [((steps // n + (k == n - 1) * (steps % n)) * cfg.step_tokens, ()) for k in range(n)]
     if not m.staged or steps < 2:
         return [(tokens, ())]
     first = min(steps - 1, max(1, round(steps * cfg.staged_share)))
@@ -101,9 +109,13 @@ def run_method(cfg, name: str, share: float, seed: int, val: torch.Tensor, conve
     model = str(cfg.out / "converted" / converted_name(m))
     points = [{"tokens": 0, "val_loss": converted_loss}]
     done = 0
-    for k, (n, freeze) in enumerate(phases(cfg, m, tokens)):
-        out = root / f"phase{k + 1}" if m.staged and tokens // cfg.step_tokens >= 2 else root
-        run_uptrain(uptrain_config(cfg, m, model, out, n, freeze, seed, max_docs, curve))
+    plan = phases(cfg, m, tokens)
+    for k, (n, freeze) in enumerate(plan):
+        out = root / f"phase{k + 1}" if len(plan) > 1 else root
+        if k and m.progressive:  # the next block length, from the last phase's model
+            model = reblocked(model, root / f"phase{k + 1}-start", m.progressive[k])
+        # each phase its own seed: the same seed would re-read the previous phase's rows first
+        run_uptrain(uptrain_config(cfg, m, model, out, n, freeze, seed + 7919 * k, max_docs, curve))
         if curve:
             points += curve_points(model, out, val, done)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished (and scored): only the model is kept
@@ -114,6 +126,13 @@ def run_method(cfg, name: str, share: float, seed: int, val: torch.Tensor, conve
     points = sorted({p["tokens"]: p for p in points}.values(), key=lambda p: p["tokens"])
     return {"method": name, "budget": share, "tokens": tokens, "seed": seed, "val_loss": loss, "curve": points,
             "about": m.about, "model": model}
+
+
+def reblocked(model: str, dst: Path, block_length: int) -> str:
+    from .progressive import reblock
+    if not (dst / "config.json").is_file():
+        reblock(model, dst, block_length)
+    return str(dst)
 
 
 def curve_points(model_dir: str, out: Path, val: torch.Tensor, offset: int) -> list[dict]:

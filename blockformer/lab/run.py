@@ -50,11 +50,13 @@ class Lab:
         return result
 
     def check_folder(self) -> None:
-        """A folder of another kind is never written into; one made with other options is not mixed with them."""
+        """A folder of another kind is never written into; one made with other options is not mixed with them.
+        Methods, budgets and seeds only add or leave out uptraining stages (each its own file), so a finished lab
+        can be extended with more of them; every other option shapes the shared stages and must match."""
         out, mine = self.cfg.out, self.cfg.out / "lab_config.json"
         options = json.dumps({**asdict(self.cfg), "out": None, "threads": None}, indent=2, default=list)
         if mine.is_file():
-            if json.loads(mine.read_text()) != json.loads(options):
+            if _shared(json.loads(mine.read_text())) != _shared(json.loads(options)):
                 raise BlockformerError(f"{out} holds a lab run made with other options; use another --out or "
                                        f"remove that folder")
             return
@@ -126,9 +128,9 @@ class Lab:
         from transformers import AutoModelForCausalLM
         from ..convert import ConvertConfig, convert
         cfg = self.cfg
-        init, layer_map = name.split("-")
+        init, layer_map, *length = name.split("-")  # progressive methods start at another block length: -L1
         out = cfg.out / "converted" / name
-        convert(ConvertConfig(str(cfg.out / "vanilla"), out, block_length=cfg.block_length,
+        convert(ConvertConfig(str(cfg.out / "vanilla"), out, block_length=int(length[0][1:]) if length else cfg.block_length,
                               prefix_length=cfg.prefix_length, layer_map=layer_map, init=init,
                               calib_data=str(self.data / "train.jsonl"), calib_tokens=cfg.calib_tokens,
                               overwrite=True))
@@ -158,6 +160,13 @@ class Lab:
                 curve=(m == "ce" and s == cfg.seed))
             results["runs"].append(self.stage(f"up-{m}-{budget_key(b)}-s{s}", run))
         return results
+
+
+EXTENDABLE = ("methods", "budgets", "seeds")  # options that only choose which uptraining stages run
+
+
+def _shared(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in EXTENDABLE}
 
 
 def _steps_done(run: Path) -> int:
