@@ -44,15 +44,43 @@ def next_token(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -
     """(B, V) logits -> (B,) token ids: greedy, or temperature / top-k / top-p sampling."""
     if not s.do_sample:  # max's indices = argmax's (the first maximum), 3-5x faster on a CPU over a 49k vocabulary
         return logits.max(-1).indices
+    # inverse CDF, one uniform per row: the same distribution as torch.multinomial, which took 47 ms a step at batch
+    # 32 over a 49k vocabulary on a 2-core CPU (this: 7 ms). The target lies in (0, total], so a token of
+    # probability 0 is never the first to reach it
+    cdf = warp(logits, s).softmax(-1).cumsum(-1)                                  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device)
+    return torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)[:, 0]
+
+
+def warp(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, in Hugging Face's order and with its rules; what is cut becomes -inf."""
     logits = logits.float() / max(s.temperature, 1e-5)
     if s.top_k:
         kth = logits.topk(min(s.top_k, logits.shape[-1]), -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if s.top_p is not None and s.top_p < 1.0:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > s.top_p  # keep the nucleus
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, -math.inf))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        logits = nucleus(logits, s.top_p)
+    return logits
+
+
+def nucleus(logits: torch.Tensor, top_p: float, candidates: tuple[int, ...] = (64, 1024)) -> torch.Tensor:
+    """Keep the most probable tokens whose mass before them is below `top_p` (the first always), as HF's top-p does.
+    Sorting a 49k vocabulary cost 135 ms a step at batch 32 on a 2-core CPU; the k most probable tokens (7 ms for
+    64) decide a row exactly when they hold `top_p` of its mass; rows they do not decide try more, then a sort."""
+    probs = logits.softmax(-1)
+    V = probs.shape[-1]
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for k in [c for c in candidates if c < V] + [V]:
+        p, idx = probs[rows].topk(k, -1)                                        # (R, k) descending
+        decided = p.sum(-1) >= top_p if k < V else torch.ones_like(rows, dtype=torch.bool)
+        kept = p.cumsum(-1) - p < top_p                                         # mass strictly before each token
+        kept[:, 0] = True
+        keep[rows[decided]] = keep[rows[decided]].scatter(1, idx[decided], kept[decided])
+        rows = rows[~decided]
+        if not len(rows):
+            break
+    return logits.masked_fill(~keep, -math.inf)
 
 
 def layout_prompts(input_ids, attention_mask, L: int):

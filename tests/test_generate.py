@@ -1,6 +1,8 @@
 """Generation: greedy equals the argmax of full forward passes; batching, sampling, EOS, bad input."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -225,3 +227,28 @@ def test_greedy_pick_is_the_first_maximum_in_every_dtype():
         assert next_token(logits.to(dtype), Sampling(), None).tolist() == [1, 0, 2]
     wide = torch.randint(0, 3, (32, 49152), generator=torch.Generator().manual_seed(0)).float()  # many ties
     assert torch.equal(next_token(wide, Sampling(), None), wide.argmax(-1))
+
+
+@pytest.mark.parametrize("top_k", [None, 50])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 8.0])  # flat (the nucleus reaches past the candidates), then peaked
+def test_warp_keeps_exactly_what_hugging_faces_warpers_keep(top_k, scale):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from blockformer.generate import Sampling, warp
+    logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    logits[::3] *= 4  # some rows peaked, some flat: each is decided by the fewest candidates that hold its nucleus
+    for top_p in (0.3, 0.9, 0.95):
+        hf = LogitsProcessorList([TemperatureLogitsWarper(0.8)] + ([TopKLogitsWarper(top_k)] if top_k else []) +
+                                 [TopPLogitsWarper(top_p)])(None, logits.clone())
+        ours = warp(logits, Sampling(True, 0.8, top_k, top_p))
+        assert torch.equal(ours.isinf(), hf.isinf()), (top_k, scale, top_p)
+        torch.testing.assert_close(ours[~ours.isinf()], hf[~hf.isinf()])
+
+
+def test_sampling_never_draws_a_token_of_probability_zero():
+    from blockformer.generate import Sampling, next_token
+    logits = torch.full((2000, 50), -math.inf)   # tokens before, between and after the two allowed ones are cut
+    logits[:, [7, 20]] = torch.tensor([0.0, -1.0])
+    draws = next_token(logits, Sampling(do_sample=True), torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {7, 20}
+    assert abs((draws == 7).float().mean().item() - 1 / (1 + math.exp(-1))) < 0.03  # e^0 / (e^0 + e^-1)
