@@ -156,3 +156,36 @@ def test_progressive_method_refuses_a_budget_with_fewer_steps_than_block_lengths
     with pytest.raises(BlockformerError, match="needs a step per block length"):
         run_lab(preset("micro", tmp_path / "lab", methods=("progressive",), budgets=(0.01,)))
     assert not (tmp_path / "lab").exists()
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(lab, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer
+    from blockformer.lab import train as T
+    from blockformer.lab.run import Lab
+    cfg, _ = lab
+    data = Lab(cfg)
+    rows, val = data.train_rows(), data.val()
+    tok = AutoTokenizer.from_pretrained(cfg.out / "data" / "tokenizer")
+    full = T.vanilla_model(cfg, tok)
+    T.pretrain(full, rows, val, cfg, tmp_path / "a", "a")
+    real, steps = T.lm_loss, {"n": 0}
+
+    def interrupted(model, ids, reduction="mean"):
+        steps["n"] += model.training  # training steps only; validation calls it in eval mode
+        if steps["n"] == 21:
+            raise KeyboardInterrupt
+        return real(model, ids, reduction)
+
+    monkeypatch.setattr(T, "lm_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(T.vanilla_model(cfg, tok), rows, val, cfg, tmp_path / "b", "b")
+    monkeypatch.setattr(T, "lm_loss", real)
+    from blockformer.uptrain.checkpoints import latest_checkpoint
+    # a checkpoint every 5% of the run (here every step), not only at the log-spaced curve points
+    assert latest_checkpoint(tmp_path / "b").name == "step-20"
+    again = T.vanilla_model(cfg, tok)  # fresh weights, as a new process has
+    state = T.pretrain(again, rows, val, cfg, tmp_path / "b", "b")
+    assert state["step"] == cfg.pretrain_steps > 21
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k

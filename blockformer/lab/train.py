@@ -74,9 +74,10 @@ def curve_steps(steps: int, points: int) -> list[int]:
 
 def pretrain(model, train_rows: torch.Tensor, val: torch.Tensor, cfg, run: Path, desc: str) -> dict:
     """AdamW from scratch for cfg.tokens tokens; validation at `curve_points` steps (curve_steps). Checkpoints (safetensors,
-    via uptrain's writer) every curve point, so an interrupted hour of pretraining resumes where it stopped."""
+    via uptrain's writer) at every curve point and every 5% of the run (the curve points are log-spaced, a third of
+    the run apart at its end), so an interrupted hour of pretraining resumes close to where it stopped."""
     steps, batch = cfg.pretrain_steps, cfg.batch_size
-    eval_at = curve_steps(steps, cfg.curve_points)
+    eval_at, save_every = curve_steps(steps, cfg.curve_points), max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     state = {"step": 0, "history": []}
     last = latest_checkpoint(run)
@@ -102,8 +103,8 @@ def pretrain(model, train_rows: torch.Tensor, val: torch.Tensor, cfg, run: Path,
             state["history"].append({"step": state["step"], "tokens": state["step"] * cfg.step_tokens,
                                      "train_loss": loss.item(), "val_loss": evaluate(model, val)})
             bar.set_postfix(val_loss=f"{state['history'][-1]['val_loss']:.3f}")
-            if state["step"] < steps:
-                save_checkpoint(run, model.state_dict(), opt.state_dict(), state, keep_last=1)
+        if state["step"] < steps and (state["step"] in eval_at or state["step"] % save_every == 0):
+            save_checkpoint(run, model.state_dict(), opt.state_dict(), state, keep_last=1)
     bar.close()
     return state
 
