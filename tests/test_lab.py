@@ -152,9 +152,11 @@ def test_progressive_method_trains_each_block_length_and_ends_at_the_labs(lab):
         (cfg.out / "stages" / f"{k}.json").unlink()
 
 
-def test_progressive_method_refuses_a_budget_with_fewer_steps_than_block_lengths(tmp_path):
+def test_progressive_method_refuses_a_budget_with_fewer_steps_than_block_lengths_or_another_end(tmp_path):
     with pytest.raises(BlockformerError, match="needs a step per block length"):
         run_lab(preset("micro", tmp_path / "lab", methods=("progressive",), budgets=(0.01,)))
+    with pytest.raises(BlockformerError, match="must end at the lab's block length 8"):
+        run_lab(preset("micro", tmp_path / "lab", methods=("progressive",), block_length=8))
     assert not (tmp_path / "lab").exists()
 
 

@@ -70,6 +70,9 @@ class LabConfig:
         if unknown or not self.methods:
             raise BlockformerError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: "
                                    f"{', '.join(METHODS)}")
+        ends = [m for m in self.methods if _ALL[m].progressive and _ALL[m].progressive[-1] != self.block_length]
+        if ends:
+            raise BlockformerError(f"{', '.join(ends)} must end at the lab's block length {self.block_length}")
         short = [m for m in self.methods if len(_ALL[m].progressive) > self.budget_tokens(min(self.budgets)) //
                  self.step_tokens]
         if short:

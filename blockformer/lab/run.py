@@ -130,7 +130,8 @@ class Lab:
         cfg = self.cfg
         init, layer_map, *length = name.split("-")  # progressive methods start at another block length: -L1
         out = cfg.out / "converted" / name
-        convert(ConvertConfig(str(cfg.out / "vanilla"), out, block_length=int(length[0][1:]) if length else cfg.block_length,
+        block_length = int(length[0][1:]) if length else cfg.block_length
+        convert(ConvertConfig(str(cfg.out / "vanilla"), out, block_length=block_length,
                               prefix_length=cfg.prefix_length, layer_map=layer_map, init=init,
                               calib_data=str(self.data / "train.jsonl"), calib_tokens=cfg.calib_tokens,
                               overwrite=True))
