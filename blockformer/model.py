@@ -333,14 +333,22 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         valid, n_ctx = bmask.any(-1), bmask[:, :Nc].any(-1).sum(1, keepdim=True)
         pos = torch.where(grp < 0, (valid.long().cumsum(1) - 1).clamp(min=0), n_ctx + idx)       # (B, S)
         eye = torch.eye(len(grp), dtype=torch.bool, device=ctx.device)
-        e = self.block_decoder.tree(self.embedder(blocks, bmask), pos, ((see & valid[:, None]) | eye)[:, None])
+        v, states = self.embedder(blocks, bmask, with_states=True)                    # states: (B, S, L_B, D)
+        e = self.block_decoder.tree(v, pos, ((see & valid[:, None]) | eye)[:, None])
         last = e[:, Nc - 1, None, None].expand(B, n, 1, -1)                             # context of block 0
         ctxs = torch.cat([last, e[:, Nc:].unflatten(1, (n, K - 1))], 2)                 # (B, n, K, D)
         sel = xbm[..., 0]                                 # (B, n, K): blocks that hold scored tokens, no padding
         td, h = self.token_decoder, ctxs.new_zeros(B, n, K, L, ctxs.shape[-1])
-        loc = None if td.bridge is None else self.embedder.states(xb[sel][None], xbm[sel][None])[..., :-1, :]
+        loc = None if td.bridge is None else self.choice_states(states[:, Nc:], xb, xbm)[sel][None, :, :-1]
         h[sel] = td.norm(td(ctxs[sel][None], xb[..., :-1][sel][None], xbm[..., :-1][sel][None], loc)[0])
         return h.flatten(2, 3)                                                        # (B, n, K*L_B, D)
+
+    def choice_states(self, first, xb, xbm):
+        """Local states of every continuation block (B, n, K, L_B, D): the first K-1 blocks' from the block decoder's
+        pass (`first`, (B, n(K-1), L_B, D)), so only the last block's local layers run again."""
+        B, n, K, L = xb.shape
+        last = self.embedder.states(xb[:, :, -1], xbm[:, :, -1])                     # (B, n, L_B, D)
+        return torch.cat([first.unflatten(1, (n, K - 1)), last[:, :, None]], 2)
 
     def get_input_embeddings(self):
         return self.token_decoder.embed
