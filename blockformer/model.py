@@ -346,7 +346,7 @@ class BlockTransformerForCausalLM(PreTrainedModel):
     def choice_states(self, first, xb, xbm):
         """Local states of every continuation block (B, n, K, L_B, D): the first K-1 blocks' from the block decoder's
         pass (`first`, (B, n(K-1), L_B, D)), so only the last block's local layers run again."""
-        B, n, K, L = xb.shape
+        n, K = xb.shape[1:3]
         last = self.embedder.states(xb[:, :, -1], xbm[:, :, -1])                     # (B, n, L_B, D)
         return torch.cat([first.unflatten(1, (n, K - 1)), last[:, :, None]], 2)
 
