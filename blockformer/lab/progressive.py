@@ -23,9 +23,9 @@ def spread_projection(weight: torch.Tensor, old: int, new: int) -> torch.Tensor:
 def reblock(src: str | Path, dst: Path, block_length: int) -> None:
     """Write `src` (a Block Transformer folder) with another block length to `dst` (an HF folder)."""
     from transformers import AutoTokenizer
-    from ..model import BlockTransformerConfig, BlockTransformerForCausalLM
+    from ..model import BlockTransformerForCausalLM
     model = BlockTransformerForCausalLM.from_pretrained(src, dtype=torch.float32)
-    conf = BlockTransformerConfig.from_pretrained(src)
+    conf = model.config  # the loaded model is only read from here on: its config becomes the new model's
     old, conf.block_length = conf.block_length, block_length
     conf.provenance = {**conf.provenance, "reblocked_from": old}
     state = model.state_dict()
