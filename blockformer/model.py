@@ -330,11 +330,15 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         blocks = torch.cat([ctx.unflatten(1, (Nc, L)), xb[:, :, :-1].flatten(1, 2)], 1)   # (B, Nc + n(K-1), L_B)
         bmask = torch.cat([cmask.unflatten(1, (Nc, L)), xbm[:, :, :-1].flatten(1, 2)], 1)
         grp, idx, see = choice_tree(Nc, n, K, ctx.device)
-        valid, n_ctx = bmask.any(-1), bmask[:, :Nc].any(-1).sum(1, keepdim=True)
-        pos = torch.where(grp < 0, (valid.long().cumsum(1) - 1).clamp(min=0), n_ctx + idx)       # (B, S)
-        eye = torch.eye(len(grp), dtype=torch.bool, device=ctx.device)
-        v, states = self.embedder(blocks, bmask, with_states=True)                    # states: (B, S, L_B, D)
-        e = self.block_decoder.tree(v, pos, ((see & valid[:, None]) | eye)[:, None])
+        # a slot runs when it is a real context block or a choice block followed by another (its context is used)
+        valid = torch.cat([bmask[:, :Nc].any(-1), xbm[:, :, 1:, 0].flatten(1)], 1)  # (B, S)
+        pos = torch.where(grp < 0, (valid.long().cumsum(1) - 1).clamp(min=0), valid[:, :Nc].sum(1, keepdim=True) + idx)
+        keep = packed(valid)               # (B, S'): padding blocks (short choices, short contexts) left out
+        see, valid = see[keep[:, :, None], keep[:, None, :]], valid.gather(1, keep)   # (B, S', S'), (B, S')
+        eye = torch.eye(keep.shape[1], dtype=torch.bool, device=ctx.device)
+        v, states = self.embedder(gather_slots(blocks, keep), gather_slots(bmask, keep), with_states=True)
+        e = self.block_decoder.tree(v, pos.gather(1, keep), ((see & valid[:, None]) | eye)[:, None])  # (B, S', D)
+        e, states = scatter_slots(e, keep, blocks.shape[1]), scatter_slots(states, keep, blocks.shape[1])
         last = e[:, Nc - 1, None, None].expand(B, n, 1, -1)                             # context of block 0
         ctxs = torch.cat([last, e[:, Nc:].unflatten(1, (n, K - 1))], 2)                 # (B, n, K, D)
         sel = xbm[..., 0]                                 # (B, n, K): blocks that hold scored tokens, no padding
@@ -344,11 +348,14 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         return h.flatten(2, 3)                                                        # (B, n, K*L_B, D)
 
     def choice_states(self, first, xb, xbm):
-        """Local states of every continuation block (B, n, K, L_B, D): the first K-1 blocks' from the block decoder's
-        pass (`first`, (B, n(K-1), L_B, D)), so only the last block's local layers run again."""
-        n, K = xb.shape[1:3]
-        last = self.embedder.states(xb[:, :, -1], xbm[:, :, -1])                     # (B, n, L_B, D)
-        return torch.cat([first.unflatten(1, (n, K - 1)), last[:, :, None]], 2)
+        """Local states of every continuation block (B, n, K, L_B, D), zeros past a choice's end: all but its last
+        real block come from the block decoder's pass (`first`, (B, n(K-1), L_B, D)); only the last one runs again."""
+        B, n, K, L = xb.shape
+        at = (xbm[..., 0].sum(-1) - 1)[:, :, None, None]                               # (B, n, 1, 1) last real block
+        pick = lambda t: t.gather(2, at.expand(-1, -1, 1, L))[:, :, 0]  # noqa: E731 - (B, n, L_B)
+        last = self.embedder.states(pick(xb), pick(xbm))                                # (B, n, L_B, D)
+        out = torch.cat([first.unflatten(1, (n, K - 1)), first.new_zeros(B, n, 1, *first.shape[2:])], 2)
+        return out.scatter(2, at[..., None].expand(-1, -1, 1, L, out.shape[-1]), last[:, :, None])
 
     def get_input_embeddings(self):
         return self.token_decoder.embed
@@ -444,6 +451,20 @@ def choice_tree(Nc: int, n: int, K: int, device):
     context_key = (grp[None, :] == -1) & ((grp[:, None] >= 0) | earlier)
     own_block = (grp[None, :] == grp[:, None]) & (grp[:, None] >= 0) & earlier
     return grp, idx, context_key | own_block
+
+
+def packed(valid):  # (B, S) bool -> (B, S') slot indices: each row's valid slots first, in order; S' the most any has
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+    return order[:, : int(valid.sum(1).max())]
+
+
+def gather_slots(t, keep):  # (B, S, ...) -> (B, S', ...)
+    return t.gather(1, keep.view(*keep.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
+
+
+def scatter_slots(t, keep, S: int):  # (B, S', ...) -> (B, S, ...): slots left out hold zeros
+    idx = keep.view(*keep.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+    return t.new_zeros(t.shape[0], S, *t.shape[2:]).scatter(1, idx, t)
 
 
 def scaled_lookup(embed: nn.Embedding, ids, scale):

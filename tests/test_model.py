@@ -116,3 +116,34 @@ def test_needed_positions_decode_only_their_blocks_and_match_the_full_pass(tiny_
     assert_close(part[need], full[need], rtol=1e-5, atol=1e-5)
     (B, N), (one, M) = seen                                   # full pass: every block; scoring: the needed ones
     assert one == 1 and 3 <= M <= B * N // 3
+
+
+@pytest.mark.parametrize("block_length", [2, 4])
+def test_choices_hidden_runs_real_blocks_only_and_matches_one_forward_per_choice(tiny_dirs, tmp_path, block_length):
+    """Shared-context scoring: the block decoder reads the context once and each choice's real blocks (a short
+    choice's padding blocks are left out); every choice's states equal a full forward of context + choice."""
+    L = block_length
+    model = perturb_new_parts(convert_tiny(tiny_dirs["llama"], tmp_path / "b", block_length=L))
+    torch.manual_seed(5)
+    ctxs, lens = [torch.randint(3, VOCAB, (n,)) for n in (3 * L, 2 * L - 1)], [(1, 3 * L), (L + 1, 2 * L)]
+    conts = [[torch.randint(3, VOCAB, (n,)) for n in row] for row in lens]
+    Tc, Tx = 3 * L, 3 * L
+    ids, cmask = torch.zeros(2, Tc, dtype=torch.long), torch.zeros(2, Tc, dtype=torch.bool)
+    xids, xmask = torch.zeros(2, 2, Tx, dtype=torch.long), torch.zeros(2, 2, Tx, dtype=torch.bool)
+    for b, c in enumerate(ctxs):
+        ids[b, Tc - len(c):], cmask[b, Tc - len(c):] = c, True
+        for j, x in enumerate(conts[b]):
+            xids[b, j, :len(x)], xmask[b, j, :len(x)] = x, True
+    seen = []
+    tree = model.block_decoder.tree
+    model.block_decoder.tree = lambda x, pos, mask: seen.append(x.shape[1]) or tree(x, pos, mask)
+    with torch.no_grad():
+        h = model.choices_hidden(ids, cmask, xids, xmask)                            # (2, 2, Tx, D)
+    # a choice block runs when another follows it: row 0 holds 3 context blocks + 0 + 2, row 1 2 + 1 + 1
+    # (the padded layout: 3 + 2 * 2)
+    assert seen == [5]
+    for b in range(2):
+        for j, x in enumerate(conts[b]):
+            seq = torch.cat([ctxs[b], x])[None]
+            want = model.final_hidden(seq, anchor=torch.tensor([len(ctxs[b]) - 1]))[0, len(ctxs[b]) - 1:-1]
+            assert_close(h[b, j, :len(x)], want, rtol=1e-5, atol=1e-5)

@@ -104,13 +104,14 @@ class Scorer:
 
     def _block_cheaper(self, e) -> bool:
         """Layer-positions of the shared path vs the plain one: the context's blocks once instead of once per choice
-        (the token decoder's work is the same on both paths); the margin pays for padding and the tree mask."""
+        (the token decoder's work is the same on both paths; a choice's padding blocks are left out of the block
+        decoder's pass); the margin pays for padding between items and the tree mask."""
         c = self.model.config
         L, w, nt = c.block_length, c.prefix_length + c.block_length - 1, c.num_token_layers
         nb = c.num_block_layers + c.embedder_layers * L  # the embedder's layers run on every token
         blocks = lambda t: -(-t // L)  # noqa: E731
-        Nc, K = blocks(len(e[0][0])), max(blocks(len(x)) for _, x in e)
-        shared = nb * (Nc + len(e) * (K - 1)) + sum(nt * blocks(len(x)) * w for _, x in e)
+        Nc = blocks(len(e[0][0]))
+        shared = nb * (Nc + sum(blocks(len(x)) - 1 for _, x in e)) + sum(nt * blocks(len(x)) * w for _, x in e)
         plain = sum(nb * (Nc + blocks(len(x))) + nt * blocks(len(x)) * w for _, x in e)
         return shared < 0.8 * plain
 
