@@ -338,12 +338,13 @@ class BlockTransformerForCausalLM(PreTrainedModel):
         eye = torch.eye(keep.shape[1], dtype=torch.bool, device=ctx.device)
         v, states = self.embedder(gather_slots(blocks, keep), gather_slots(bmask, keep), with_states=True)
         e = self.block_decoder.tree(v, pos.gather(1, keep), ((see & valid[:, None]) | eye)[:, None])  # (B, S', D)
-        e, states = scatter_slots(e, keep, blocks.shape[1]), scatter_slots(states, keep, blocks.shape[1])
+        e, S = scatter_slots(e, keep, blocks.shape[1]), blocks.shape[1]
         last = e[:, Nc - 1, None, None].expand(B, n, 1, -1)                             # context of block 0
         ctxs = torch.cat([last, e[:, Nc:].unflatten(1, (n, K - 1))], 2)                 # (B, n, K, D)
         sel = xbm[..., 0]                                 # (B, n, K): blocks that hold scored tokens, no padding
         td, h = self.token_decoder, ctxs.new_zeros(B, n, K, L, ctxs.shape[-1])
-        loc = None if td.bridge is None else self.choice_states(states[:, Nc:], xb, xbm)[sel][None, :, :-1]
+        loc = None if td.bridge is None else \
+            self.choice_states(scatter_slots(states, keep, S)[:, Nc:], xb, xbm)[sel][None, :, :-1]
         h[sel] = td.norm(td(ctxs[sel][None], xb[..., :-1][sel][None], xbm[..., :-1][sel][None], loc)[0])
         return h.flatten(2, 3)                                                        # (B, n, K*L_B, D)
 
